@@ -25,4 +25,6 @@ class Category(StrEnum):
 
 
 #: Categories that say the address itself is bad: only these suppress on a hard bounce.
-ADDRESS_CATEGORIES = frozenset({Category.BAD_MAILBOX, Category.BAD_DOMAIN, Category.INACTIVE_MAILBOX})
+ADDRESS_CATEGORIES = frozenset(
+    {Category.BAD_MAILBOX, Category.BAD_DOMAIN, Category.INACTIVE_MAILBOX}
+)

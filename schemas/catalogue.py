@@ -1,0 +1,131 @@
+"""The topic catalogue: every topic described once. Topic creation, docs and tests read it."""
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from schemas.records import (
+    AcceptedMessage,
+    ControlCommand,
+    DeliveryBatch,
+    DeliveryEvent,
+    Submission,
+    Suppression,
+)
+
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+MAX_MESSAGE_BYTES = 20 * 1024 * 1024
+_DAY_MS = 24 * 3600 * 1000
+
+#: Delay tiers of `mail.retry.<delay>`, shortest first.
+RETRY_TIERS: dict[str, timedelta] = {
+    "1m": timedelta(minutes=1),
+    "10m": timedelta(minutes=10),
+    "1h": timedelta(hours=1),
+    "6h": timedelta(hours=6),
+}
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    key: str
+    value: type[BaseModel] | None
+    partitions: int
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    compacted: bool = False
+    retention_ms: int = 7 * _DAY_MS
+    config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def example_name(self) -> str:
+        return self.name.replace("<", "").replace(">", "")
+
+    def kafka_config(self) -> dict[str, str]:
+        config = {
+            "cleanup.policy": "compact" if self.compacted else "delete",
+            "max.message.bytes": str(MAX_MESSAGE_BYTES),
+        }
+        if not self.compacted:
+            config["retention.ms"] = str(self.retention_ms)
+        return config | self.config
+
+
+SUBMIT = "mail.submit"
+ACCEPTED = "mail.accepted"
+EVENTS = "mail.events"
+SUPPRESSION = "mail.suppression"
+CONTROL = "mail.control"
+REJECTED = "mail.rejected"
+OUTBOUND_TEMPLATE = "mail.outbound.<pool>"
+
+
+def outbound_topic(pool: str) -> str:
+    return f"mail.outbound.{pool}"
+
+
+def retry_topic(tier: str) -> str:
+    return f"mail.retry.{tier}"
+
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(SUBMIT, "idempotency key or anything", Submission, 8, ("upstream",), ("ingest",)),
+    TopicSpec(ACCEPTED, "message id", AcceptedMessage, 8, ("ingest",), ("router",)),
+    TopicSpec(OUTBOUND_TEMPLATE, "throttle key", DeliveryBatch, 16, ("router",), ("sender",)),
+    *(
+        TopicSpec(
+            retry_topic(tier),
+            "throttle key",
+            DeliveryBatch,
+            8,
+            ("sender",),
+            ("router",),
+            retention_ms=4 * _DAY_MS,
+        )
+        for tier in RETRY_TIERS
+    ),
+    TopicSpec(
+        EVENTS,
+        "message id",
+        DeliveryEvent,
+        8,
+        ("ingest", "router", "sender", "bounce"),
+        ("bounce", "ingest"),
+        retention_ms=30 * _DAY_MS,
+    ),
+    TopicSpec(
+        SUPPRESSION,
+        "tenant/address",
+        Suppression,
+        8,
+        ("bounce", "ingest"),
+        ("ingest", "router"),
+        compacted=True,
+    ),
+    TopicSpec(
+        CONTROL, "scope", ControlCommand, 1, ("operators",), ("sender", "router"), compacted=True
+    ),
+    TopicSpec(
+        REJECTED,
+        "as received",
+        None,
+        4,
+        ("ingest", "router", "sender", "bounce"),
+        ("operators",),
+        retention_ms=30 * _DAY_MS,
+    ),
+)
+
+
+def concrete_topics(pools: list[str]) -> list[tuple[str, TopicSpec]]:
+    """Every topic to create: the outbound template expanded once per pool."""
+    result: list[tuple[str, TopicSpec]] = []
+    for spec in TOPICS:
+        if spec.name == OUTBOUND_TEMPLATE:
+            result.extend((outbound_topic(pool), spec) for pool in pools)
+        else:
+            result.append((spec.name, spec))
+    return result

@@ -1,0 +1,174 @@
+"""Values of every Kafka topic. Each carries `v`, its schema version."""
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.addresses import EmailAddress
+from schemas.api import Content, MessageRequest
+from schemas.categories import Category
+
+_Tenant = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-9][a-z0-9-]*$")]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    v: Literal[1] = 1
+
+
+class Submission(MessageRequest):
+    """`mail.submit`: the HTTP body plus the tenant (and an optional idempotency key)."""
+
+    v: Literal[1] = 1
+    tenant: _Tenant
+    idempotency_key: str | None = Field(default=None, max_length=200)
+
+
+class AcceptedRecipient(_Record):
+    email: str
+    vars: dict[str, str] = Field(default_factory=dict)
+    suppressed: bool = False
+
+
+class AcceptedMessage(_Record):
+    """`mail.accepted`: one validated message, written by ingest before it answers 202."""
+
+    id: str
+    tenant: str
+    accepted_at: datetime
+    from_: str = Field(alias="from")
+    content: Content
+    recipients: list[AcceptedRecipient]
+    pool: str
+    tags: list[str] = Field(default_factory=list)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    idempotency_key: str | None = None
+
+
+class BatchRecipient(_Record):
+    email: str
+    index: int = Field(ge=0, description="position in the accepted message, for VERP")
+    vars: dict[str, str] = Field(default_factory=dict)
+
+
+class DeliveryBatch(_Record):
+    """`mail.outbound.<pool>` and `mail.retry.<delay>`: one body, recipients of one destination."""
+
+    message_id: str
+    tenant: str
+    pool: str
+    throttle_key: str
+    domain: str
+    from_: str = Field(alias="from")
+    content: Content
+    recipients: list[BatchRecipient] = Field(min_length=1)
+    accepted_at: datetime
+    attempt: int = Field(default=1, ge=1)
+    not_before: datetime | None = None
+    tags: list[str] = Field(default_factory=list)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class EventType(StrEnum):
+    ACCEPTED = "accepted"
+    QUEUED = "queued"
+    SUPPRESSED = "suppressed"
+    REJECTED = "rejected"
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+    EXPIRED = "expired"
+    COMPLAINED = "complained"
+    UNSUBSCRIBED = "unsubscribed"
+    UNMATCHED = "unmatched"
+    UNPARSED = "unparsed"
+
+
+#: A recipient in one of these states is done; every accepted recipient reaches exactly one.
+FINAL_EVENT_TYPES = frozenset(
+    {EventType.DELIVERED, EventType.BOUNCED, EventType.SUPPRESSED, EventType.EXPIRED}
+)
+
+
+class SmtpReply(_Record):
+    code: int = Field(ge=200, le=599)
+    enhanced: str | None = Field(default=None, pattern=r"^[245]\.\d{1,3}\.\d{1,3}$")
+    text: str = ""
+
+
+class DeliveryEvent(_Record):
+    """`mail.events`: one state change of one recipient."""
+
+    type: EventType
+    message_id: str
+    tenant: str
+    recipient: str
+    ts: datetime = Field(default_factory=utc_now)
+    attempt: int = 0
+    pool: str = ""
+    mx: str | None = None
+    smtp: SmtpReply | None = None
+    category: Category | None = None
+    hard: bool | None = None
+    detail: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class SuppressionReason(StrEnum):
+    HARD_BOUNCE = "hard-bounce"
+    SOFT_BOUNCE_LIMIT = "soft-bounce-limit"
+    COMPLAINT = "complaint"
+    UNSUBSCRIBE = "unsubscribe"
+    MANUAL = "manual"
+
+
+class Suppression(_Record):
+    """`mail.suppression` (compacted, key `tenant/address`): why an address gets no more mail."""
+
+    tenant: str
+    address: EmailAddress
+    reason: SuppressionReason
+    created_at: datetime = Field(default_factory=utc_now)
+    source_message_id: str | None = None
+    source_event: EventType | None = None
+    detail: str | None = None
+
+
+class ControlAction(StrEnum):
+    PAUSE = "pause"
+    QUOTA = "quota"
+
+
+class ControlCommand(_Record):
+    """`mail.control` (compacted, key = scope such as `domain:gmail.com@pool:marketing`)."""
+
+    scope: str = Field(min_length=1, max_length=300)
+    action: ControlAction
+    messages_per_s: float | None = Field(default=None, gt=0)
+    expires_at: datetime | None = None
+    reason: str | None = None
+    created_at: datetime = Field(default_factory=utc_now)
+
+
+class RejectedHeaders(StrEnum):
+    """`mail.rejected` keeps the original key and value bytes; these headers say why."""
+
+    REASON = "mailrail-reason"
+    CODE = "mailrail-error-code"
+    FIELD = "mailrail-error-field"
+    SOURCE_TOPIC = "mailrail-source-topic"
+    SOURCE_PARTITION = "mailrail-source-partition"
+    SOURCE_OFFSET = "mailrail-source-offset"
+
+
+def suppression_key(tenant: str, address: str) -> str:
+    """The compaction key of `mail.suppression`: tenant and address, domain lower-cased."""
+    local, _, domain = address.rpartition("@")
+    return f"{tenant}/{local}@{domain.lower()}"

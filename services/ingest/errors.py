@@ -1,0 +1,74 @@
+"""Every error ingest answers has one shape: `{"error": {"code", "message", "field"}}`."""
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from schemas.api import ErrorDetail, ErrorResponse
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = ErrorDetail(code=code, message=message, field=field)
+        self.headers = headers
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(code=code, message=message, field=field))
+    return JSONResponse(body.model_dump(exclude_none=True), status, headers=headers)
+
+
+def field_name(loc: tuple[int | str, ...]) -> str | None:
+    """`("body", "to", 0, "email")` → `to[0].email`; the body itself → None."""
+    parts = [p for p in loc if p not in ("body",)]
+    name = ""
+    for part in parts:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif part in ("str", "Recipient", "function-after[normalise_address(), str]"):
+            continue
+        else:
+            name += f".{part}" if name else str(part)
+    return name or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(
+            ErrorResponse(error=exc.detail).model_dump(exclude_none=True),
+            exc.status,
+            headers=exc.headers,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        if first.get("type") == "json_invalid":
+            return error_response(400, "invalid_json", "request body is not valid JSON")
+        message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        return error_response(
+            400, "invalid_request", message, field_name(tuple(first.get("loc", ())))
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))

@@ -1,0 +1,104 @@
+"""Router: `mail.accepted` and the retry tiers → `mail.outbound.<pool>`.
+
+One consumer loop for accepted mail and one per retry tier, so a tier full of batches that are
+not yet due never holds back fresh mail or a shorter tier.
+"""
+
+import asyncio
+from collections.abc import Sequence
+from datetime import datetime
+
+from confluent_kafka import Message
+
+from schemas.catalogue import ACCEPTED, RETRY_TIERS, outbound_topic, retry_topic
+from schemas.records import AcceptedMessage, DeliveryBatch, utc_now
+from schemas.rules import Rules, load_rules
+from services.router.route import recheck, route
+from services.router.settings import RouterSettings
+from services.runtime.codec import batch_output, decode, event_output
+from services.runtime.health import Health
+from services.runtime.http import admin_app, serve_http
+from services.runtime.loop import BadRecord, Output
+from services.runtime.producer import AsyncProducer
+from services.runtime.service import consumer_loop, run_service, run_until_stopped
+from services.runtime.suppression import SuppressionView
+
+
+class Router:
+    def __init__(self, rules: Rules, suppressions: SuppressionView) -> None:
+        self._rules = rules
+        self._suppressions = suppressions
+
+    async def on_accepted(self, message: Message) -> Sequence[Output]:
+        accepted = decode(AcceptedMessage, message)
+        if accepted.pool not in self._rules.pool_names():
+            raise BadRecord(f"unknown pool {accepted.pool!r}", "unknown_pool", "pool")
+        batches, events = route(accepted, self._rules, self._suppressions.is_suppressed)
+        topic = outbound_topic(accepted.pool)
+        return [*(batch_output(topic, b) for b in batches), *map(event_output, events)]
+
+    async def on_retry(self, message: Message) -> Sequence[Output]:
+        batch = decode(DeliveryBatch, message)
+        await _sleep_until(batch.not_before)
+        live, events = recheck(batch, self._suppressions.is_suppressed)
+        outputs = [event_output(e) for e in events]
+        if live is not None:
+            outputs.append(batch_output(outbound_topic(live.pool), live))
+        return outputs
+
+
+async def _sleep_until(due: datetime | None) -> None:
+    if due is not None:
+        delay_s = (due - utc_now()).total_seconds()
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+
+
+async def main(settings: RouterSettings, stop: asyncio.Event) -> None:
+    rules = load_rules(settings.rules)
+    health = Health()
+    suppressions = SuppressionView(settings.kafka_common())
+    suppressions.start()
+    health.add_check("suppressions", lambda: suppressions.ready)
+    await asyncio.to_thread(suppressions.wait_ready, 60.0)
+    producer = AsyncProducer(settings.producer_config())
+    router = Router(rules, suppressions)
+    loops = [
+        consumer_loop(
+            settings,
+            name="accepted",
+            group_id=settings.group_id,
+            topics=[ACCEPTED],
+            handler=router.on_accepted,
+            producer=producer,
+            health=health,
+        ),
+        *(
+            consumer_loop(
+                settings,
+                name=f"retry-{tier}",
+                group_id=f"{settings.group_id}-retry-{tier}",
+                topics=[retry_topic(tier)],
+                handler=router.on_retry,
+                producer=producer,
+                health=health,
+                max_in_flight=settings.retry_max_in_flight,
+                # Batches not yet due are dropped on shutdown, not waited for: they are re-read.
+                drain_timeout_s=1.0,
+            )
+            for tier in RETRY_TIERS
+        ),
+    ]
+    try:
+        await run_until_stopped(
+            stop,
+            serve_http(admin_app(health), settings.admin_addr, stop),
+            *(loop.run(stop) for loop in loops),
+        )
+    finally:
+        producer.close()
+        suppressions.stop()
+
+
+if __name__ == "__main__":
+    run_service("router", RouterSettings(), main)

@@ -1,0 +1,10 @@
+from services.runtime.settings import ServiceSettings
+
+
+class RouterSettings(ServiceSettings):
+    group_id: str = "mailrail-router"
+    #: Retried batches held back until due, per retry tier; past this the tier's partitions pause.
+    retry_max_in_flight: int = 500
+
+    def service_name(self) -> str:
+        return "router"

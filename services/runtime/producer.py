@@ -1,0 +1,99 @@
+"""An asyncio face on confluent-kafka's Producer.
+
+`send()` returns an awaitable that resolves when the broker has acknowledged the record
+(`acks=all`) or fails with the delivery error. A background thread serves delivery callbacks.
+"""
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.05
+Headers = Sequence[tuple[str, bytes]]
+
+
+class DeliveryFailed(Exception):
+    """The broker did not acknowledge a record (retryable unless `fatal`)."""
+
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.fatal = error.fatal()
+
+
+class AsyncProducer:
+    def __init__(
+        self, config: dict[str, Any], loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        self._producer = Producer(config)
+        self._loop = loop or asyncio.get_running_loop()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="producer-poll", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._closed.is_set():
+            self._producer.poll(POLL_INTERVAL_S)
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | str | None = None,
+        headers: Headers | None = None,
+    ) -> "asyncio.Future[Message]":
+        """Queue one record; the future resolves on the broker's acknowledgement."""
+        future: asyncio.Future[Message] = self._loop.create_future()
+
+        def on_delivery(error: KafkaError | None, message: Message) -> None:
+            self._loop.call_soon_threadsafe(_settle, future, error, message)
+
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=list(headers or ()),
+                    on_delivery=on_delivery,
+                )
+                return future
+            except BufferError:
+                # The local queue is full: wait for deliveries to make room.
+                self._producer.poll(POLL_INTERVAL_S)
+            except KafkaException as exc:
+                future.set_exception(DeliveryFailed(exc.args[0]))
+                return future
+
+    async def send_all(
+        self, records: Sequence[tuple[str, bytes | None, bytes | str | None, Headers | None]]
+    ) -> None:
+        """Send records and wait until every one is acknowledged; raises the first failure."""
+        futures = [self.send(topic, value, key, headers) for topic, value, key, headers in records]
+        if futures:
+            await asyncio.gather(*futures)
+
+    def flush(self, timeout_s: float) -> int:
+        return int(self._producer.flush(timeout_s))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        remaining = self.flush(timeout_s)
+        if remaining:
+            log.warning("producer closed with %d records unacknowledged", remaining)
+        self._closed.set()
+        self._thread.join(timeout=2)
+
+
+def _settle(future: "asyncio.Future[Message]", error: KafkaError | None, message: Message) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(DeliveryFailed(error))
+    else:
+        future.set_result(message)

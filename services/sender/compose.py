@@ -1,0 +1,76 @@
+"""Turn a batch's content into the bytes one recipient receives.
+
+Per-recipient `{{name}}` variables are substituted here, so a batch carries one body for many
+recipients. The Message-ID encodes message id and recipient index so a bounce that quotes the
+original headers can be matched to its recipient.
+"""
+
+import base64
+import html
+import re
+from email.message import EmailMessage
+from email.policy import SMTP, SMTPUTF8
+from email.utils import format_datetime, make_msgid
+
+from schemas.addresses import address_of, domain_of
+from schemas.records import BatchRecipient, DeliveryBatch, utc_now
+
+_VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
+_BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def substitute(template: str, values: dict[str, str], escape: bool = False) -> str:
+    def replace(match: re.Match[str]) -> str:
+        value = values.get(match.group(1), "")
+        return html.escape(value) if escape else value
+
+    return _VARIABLE.sub(replace, template)
+
+
+def message_id_for(batch: DeliveryBatch, recipient: BatchRecipient) -> str:
+    return f"<{batch.message_id}.{recipient.index}@{domain_of(address_of(batch.from_))}>"
+
+
+def compose(
+    batch: DeliveryBatch, recipient: BatchRecipient, extra_headers: dict[str, str] | None = None
+) -> bytes:
+    """The message as it goes on the wire: CRLF line ends, every line a full line."""
+    content = batch.content
+    raw = content.raw_bytes()
+    if raw is not None:
+        head = "".join(f"{k}: {v}\r\n" for k, v in (extra_headers or {}).items()).encode()
+        return head + _crlf(raw)
+    message = EmailMessage()
+    message["From"] = batch.from_
+    message["To"] = recipient.email
+    message["Subject"] = substitute(content.subject or "", recipient.vars)
+    message["Date"] = format_datetime(utc_now())
+    message["Message-ID"] = message_id_for(batch, recipient) or make_msgid()
+    message["MIME-Version"] = "1.0"
+    if content.reply_to:
+        message["Reply-To"] = content.reply_to
+    for name, value in (content.headers | (extra_headers or {})).items():
+        message[name] = value
+    if content.text is not None:
+        message.set_content(substitute(content.text, recipient.vars), cte="quoted-printable")
+    if content.html is not None:
+        body = substitute(content.html, recipient.vars, escape=True)
+        if content.text is not None:
+            message.add_alternative(body, subtype="html", cte="quoted-printable")
+        else:
+            message.set_content(body, subtype="html", cte="quoted-printable")
+    for attachment in content.attachments:
+        maintype, _, subtype = attachment.content_type.partition("/")
+        message.add_attachment(
+            base64.b64decode(attachment.content),
+            maintype=maintype,
+            subtype=subtype,
+            filename=attachment.filename,
+        )
+    policy = SMTPUTF8 if not recipient.email.isascii() or not batch.from_.isascii() else SMTP
+    return message.as_bytes(policy=policy)
+
+
+def _crlf(data: bytes) -> bytes:
+    data = _BARE_LINE_END.sub(b"\r\n", data)
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
