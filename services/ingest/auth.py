@@ -2,7 +2,17 @@
 
 import hashlib
 import hmac
+import re
 from pathlib import Path
+
+
+TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def _tenant(name: str, where: str) -> str:
+    if not TENANT_PATTERN.match(name):
+        raise ValueError(f"{where}: tenant {name!r} must match {TENANT_PATTERN.pattern}")
+    return name
 
 
 def hash_key(key: str) -> str:
@@ -22,7 +32,7 @@ class ApiKeys:
             tenant, sep, key = pair.partition(":")
             if not sep or not tenant or not key:
                 raise ValueError("MAILRAIL_API_KEYS must be comma-separated tenant:key pairs")
-            hashed[hash_key(key)] = tenant
+            hashed[hash_key(key)] = _tenant(tenant, "MAILRAIL_API_KEYS")
         return cls(hashed)
 
     @classmethod
@@ -36,7 +46,7 @@ class ApiKeys:
             tenant, sep, digest = line.partition(":")
             if not sep or len(digest) != 64:
                 raise ValueError(f"{path}:{number}: expected tenant:sha256-hex")
-            hashed[digest.lower()] = tenant
+            hashed[digest.lower()] = _tenant(tenant, f"{path}:{number}")
         return cls(hashed)
 
     def merged(self, other: "ApiKeys") -> "ApiKeys":

@@ -60,7 +60,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        # Of a union's alternatives, the deepest error is the one the caller meant.
+        first = max(
+            errors,
+            key=lambda e: len(e.get("loc", ())),
+            default={"loc": (), "msg": "invalid request", "type": ""},
+        )
         if first.get("type") == "json_invalid":
             return error_response(400, "invalid_json", "request body is not valid JSON")
         message = str(first.get("msg", "invalid")).removeprefix("Value error, ")

@@ -1,4 +1,4 @@
-"""An ASGI guard that refuses request bodies over the limit with 413, before they are parsed."""
+"""ASGI guards in front of the API: body size (413) and media type (415), before parsing."""
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,7 +18,21 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
+        headers = dict(scope.get("headers", []))
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if not media_type:
+                # A body without a media type is read as JSON, as most clients mean it.
+                scope = dict(scope)
+                scope["headers"] = [
+                    *scope.get("headers", []),
+                    (b"content-type", b"application/json"),
+                ]
+            elif media_type != b"application/json":
+                response = error_response(415, "unsupported_media_type", "send application/json")
+                await response(scope, receive, send)
+                return
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
             await self._refuse(scope, receive, send)
             return

@@ -1,5 +1,6 @@
 """Settings shared by every service: one frozen pydantic-settings class, prefix `MAILRAIL_`."""
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,6 +47,7 @@ class ServiceSettings(BaseSettings):
             "bootstrap.servers": self.kafka_bootstrap,
             "security.protocol": self.kafka_security_protocol,
             "client.id": self.service_name(),
+            "logger": logging.getLogger("librdkafka"),
         }
         if self.kafka_sasl_mechanism:
             config["sasl.mechanism"] = self.kafka_sasl_mechanism

@@ -1,0 +1,148 @@
+"""The integration stack: the local Kafka broker, the four services as real processes, a
+scripted receiving SMTP server they relay to, and a DNS server plus MX host for the pool that
+resolves MX records. One stack serves the whole session; tests tell their mail apart by
+unique recipients.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from deploy.local.stack import ServiceProcess, isolated_env
+from schemas.rules import load_rules
+from services.runtime.topics import ensure_topics
+from tests.support.dns_server import RunningDnsServer, start_dns_server
+from tests.support.kafka import BOOTSTRAP, EventLog, TopicTail, broker_available
+from tests.support.smtp_server import RunningSmtpServer, start_smtp_server
+
+RULES = Path(__file__).parent / "rules.yaml"
+API_KEY = "test-key-acme"
+OTHER_KEY = "test-key-globex"
+MX_HOST_ADDRESS = "127.0.0.7"
+RETRY_SCHEDULE_S = "[1, 1, 1]"
+MAX_AGE_S = "12"
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def unique(local: str = "rcpt", domain: str = "example.com") -> str:
+    return f"{local}-{uuid.uuid4().hex[:10]}@{domain}"
+
+
+@dataclass
+class Stack:
+    url: str
+    services: dict[str, ServiceProcess]
+    sink: RunningSmtpServer
+    mx: RunningSmtpServer
+    dns: RunningDnsServer
+
+    def client(self, key: str = API_KEY) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
+
+    def restart(self, name: str) -> None:
+        service = self.services[name]
+        service.stop()
+        service.start().wait_ready()
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[AdminClient]:
+    if not broker_available():
+        pytest.fail("no Kafka broker on 127.0.0.1:9092: run `make kafka-up` (make test does)")
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    ensure_topics(admin, load_rules(RULES).pool_names())
+    yield admin
+
+
+@pytest.fixture(scope="session")
+def events(kafka: AdminClient) -> Iterator[EventLog]:
+    log = EventLog()
+    yield log
+    log.stop()
+
+
+@pytest.fixture(scope="session")
+def rejected(kafka: AdminClient) -> Iterator[TopicTail]:
+    tail = TopicTail("mail.rejected")
+    yield tail
+    tail.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(
+    kafka: AdminClient, events: EventLog, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    logs = tmp_path_factory.mktemp("service-logs")
+    sink = start_smtp_server()
+    mx = start_smtp_server(host=MX_HOST_ADDRESS)
+    dns = start_dns_server(
+        {
+            "mx-routed.example": {"MX": [(10, "mx1.mx-routed.example")]},
+            "mx1.mx-routed.example": {"A": [MX_HOST_ADDRESS]},
+            "no-such-domain.example": "NXDOMAIN",
+        }
+    )
+    common = {
+        "MAILRAIL_KAFKA_BOOTSTRAP": BOOTSTRAP,
+        "MAILRAIL_RULES": str(RULES),
+        "MAILRAIL_RETRY_SCHEDULE_S": RETRY_SCHEDULE_S,
+        "MAILRAIL_MAX_AGE_S": MAX_AGE_S,
+        "MAILRAIL_COMMIT_INTERVAL_S": "0.5",
+        "MAILRAIL_DRAIN_TIMEOUT_S": "20",
+    }
+    http_addr = f"127.0.0.1:{free_port()}"
+
+    def service(name: str, module: str, **extra: str) -> ServiceProcess:
+        admin = extra.get("MAILRAIL_HTTP_ADDR") or f"127.0.0.1:{free_port()}"
+        env = isolated_env({**common, "MAILRAIL_ADMIN_ADDR": admin, **extra})
+        return ServiceProcess(name, module, env, f"http://{admin}", log_path=logs / f"{name}.log")
+
+    services = {
+        "ingest": service(
+            "ingest",
+            "services.ingest",
+            MAILRAIL_HTTP_ADDR=http_addr,
+            MAILRAIL_API_KEYS=f"acme:{API_KEY},globex:{OTHER_KEY}",
+            MAILRAIL_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES),
+        ),
+        "router": service("router", "services.router"),
+        "sender": service(
+            "sender", "services.sender", MAILRAIL_POOL="default", MAILRAIL_SMART_HOST=sink.address
+        ),
+        "sender-mx": service(
+            "sender-mx",
+            "services.sender",
+            MAILRAIL_POOL="mxtest",
+            MAILRAIL_DNS=dns.address,
+            MAILRAIL_SMTP_PORT=str(mx.port),
+        ),
+        "bounce": service("bounce", "services.bounce"),
+    }
+    try:
+        for process in services.values():
+            process.start()
+        for process in services.values():
+            process.wait_ready()
+        yield Stack(f"http://{http_addr}", services, sink, mx, dns)
+    finally:
+        for process in services.values():
+            process.stop()
+        sink.stop()
+        mx.stop()
+        dns.stop()
