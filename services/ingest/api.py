@@ -22,7 +22,7 @@ from schemas.rules import Rules
 from services.ingest.accept import UnknownPool, accept, answer
 from services.ingest.auth import ApiKeys
 from services.ingest.errors import ApiError, install_error_handlers
-from services.ingest.limits import BodySizeLimit
+from services.ingest.limits import BodySizeLimit, request_limit
 from services.runtime.codec import accepted_output, suppression_output, suppression_removal
 from services.runtime.health import Health
 from services.runtime.http import health_routes
@@ -192,4 +192,4 @@ def _entry(entry: Suppression) -> SuppressionEntry:
 
 def with_limits(app: FastAPI, max_message_bytes: int) -> BodySizeLimit:
     """The app behind the body-size guard: base64 of the largest message, plus JSON room."""
-    return BodySizeLimit(app, max_message_bytes * 4 // 3 + 1024 * 1024)
+    return BodySizeLimit(app, request_limit(max_message_bytes))

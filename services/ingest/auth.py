@@ -5,7 +5,6 @@ import hmac
 import re
 from pathlib import Path
 
-
 TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 
 

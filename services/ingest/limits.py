@@ -4,6 +4,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.ingest.errors import error_response
 
+JSON_OVERHEAD_BYTES = 64 * 1024
+
+
+def request_limit(max_message_bytes: int) -> int:
+    """The largest request or record: a maximal message in base64, plus room for the JSON."""
+    return max_message_bytes * 4 // 3 + JSON_OVERHEAD_BYTES
+
 
 class BodyTooLarge(Exception):
     pass

@@ -7,6 +7,7 @@ from confluent_kafka import Message
 from schemas.records import Submission
 from schemas.rules import Rules
 from services.ingest.accept import UnknownPool, accept
+from services.ingest.limits import request_limit
 from services.runtime.codec import accepted_output, decode
 from services.runtime.loop import BadRecord, Output
 from services.runtime.suppression import SuppressionView
@@ -20,7 +21,7 @@ class SubmitHandler:
 
     async def __call__(self, message: Message) -> Sequence[Output]:
         value = message.value()
-        if value is not None and len(value) > self._max_message_bytes * 4 // 3 + 1024 * 1024:
+        if value is not None and len(value) > request_limit(self._max_message_bytes):
             raise BadRecord("record larger than the message size limit", "too_large")
         submission = decode(Submission, message)
         raw = submission.raw_bytes()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+from collections.abc import Callable
 from email import message_from_bytes
 from email.policy import default as default_policy
+from typing import Any
 
 from confluent_kafka import Producer
 
@@ -13,11 +16,11 @@ from tests.integration.conftest import OTHER_KEY, Stack, unique
 from tests.support.kafka import BOOTSTRAP, EventLog, TopicTail
 
 
-def post(stack: Stack, body: dict[str, object], key: str | None = None) -> dict[str, object]:
+def post(stack: Stack, body: dict[str, Any], key: str | None = None) -> dict[str, Any]:
     with stack.client(*([key] if key else [])) as client:
         answer = client.post("/v1/messages", json=body)
     assert answer.status_code == 202, answer.text
-    result: dict[str, object] = answer.json()
+    result: dict[str, Any] = answer.json()
     return result
 
 
@@ -30,14 +33,14 @@ def test_http_message_arrives_with_envelope_headers_and_body(
         {
             "from": "Acme Shop <shop@acme.example>",
             "to": [alice, {"email": bob, "vars": {"first_name": "Bob"}}],
-            "subject": "Receipt for {{first_name}} – ünïcode",
+            "subject": "Receipt for {{first_name}} — ünïcode",
             "text": "Hello {{first_name}},\nline two\n.\nend",
             "html": "<p>Hello {{first_name}}</p>",
             "headers": {"X-Campaign": "receipts"},
             "tags": ["receipts"],
         },
     )
-    assert [r["status"] for r in answer["recipients"]] == ["queued", "queued"]  # type: ignore[index]
+    assert [r["status"] for r in answer["recipients"]] == ["queued", "queued"]
     received = stack.sink.wait_for(lambda ms: any(bob in m.rcpt_tos for m in ms), timeout_s=30)
     to_bob = next(m for m in received if bob in m.rcpt_tos)
     assert to_bob.rcpt_tos == [bob]
@@ -45,14 +48,14 @@ def test_http_message_arrives_with_envelope_headers_and_body(
     parsed = message_from_bytes(to_bob.data, policy=default_policy)
     assert parsed["From"] == "Acme Shop <shop@acme.example>"
     assert parsed["To"] == bob
-    assert parsed["Subject"] == "Receipt for Bob – ünïcode"
+    assert parsed["Subject"] == "Receipt for Bob — ünïcode"
     assert parsed["X-Campaign"] == "receipts"
     assert parsed["Message-ID"].startswith(f"<{answer['id']}.1@")
     text = parsed.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert text.replace("\r\n", "\n") == "Hello Bob,\nline two\n.\nend\n"
     assert "<p>Hello Bob</p>" in parsed.get_body(("html",)).get_content()  # type: ignore[union-attr]
     delivered = events.wait_types(bob, {"queued", "delivered"})
-    final = [e for e in delivered if e.type.value == "delivered"][0]
+    final = next(e for e in delivered if e.type.value == "delivered")
     assert final.smtp is not None and final.smtp.code == 250
     assert final.message_id == answer["id"] and final.tenant == "acme" and final.pool == "default"
     events.wait_types(alice, {"delivered"})
@@ -105,7 +108,7 @@ def test_nxdomain_bounces_without_connecting(stack: Stack, events: EventLog) -> 
         stack,
         {"from": "a@acme.example", "to": [erin], "subject": "s", "text": "t", "pool": "mxtest"},
     )
-    bounced = [e for e in events.wait_types(erin, {"bounced"}) if e.type.value == "bounced"][0]
+    bounced = next(e for e in events.wait_types(erin, {"bounced"}) if e.type.value == "bounced")
     assert bounced.smtp is not None and bounced.smtp.enhanced == "5.1.2"
     assert bounced.hard is True and bounced.category == "bad-domain"
 
@@ -113,7 +116,7 @@ def test_nxdomain_bounces_without_connecting(stack: Stack, events: EventLog) -> 
 def test_hard_bounce_suppresses_the_next_message(stack: Stack, events: EventLog) -> None:
     gone = unique("bounce")
     first = post(stack, {"from": "a@acme.example", "to": [gone], "subject": "1", "text": "t"})
-    bounced = [e for e in events.wait_types(gone, {"bounced"}) if e.type.value == "bounced"][0]
+    bounced = next(e for e in events.wait_types(gone, {"bounced"}) if e.type.value == "bounced")
     assert bounced.smtp is not None and bounced.smtp.code == 550
     assert bounced.category == "bad-mailbox" and bounced.hard is True
     assert bounced.message_id == first["id"]
@@ -172,18 +175,16 @@ def test_invalid_submission_lands_in_rejected(stack: Stack, rejected: TopicTail)
     records = rejected.wait_for(
         lambda rs: {marker, marker + b"-2"} <= {r.key() for r in rs}, timeout_s=30
     )
-    by_key = {r.key(): dict(r.headers() or []) for r in records}
+    by_key: dict[Any, dict[str, Any]] = {r.key(): dict(r.headers() or []) for r in records}
     assert by_key[marker]["mailrail-error-code"] == b"schema"
     assert by_key[marker]["mailrail-source-topic"] == b"mail.submit"
     assert by_key[marker + b"-2"]["mailrail-reason"].startswith(b"not a valid Submission")
 
 
-def _wait(condition: object, timeout_s: float = 20.0) -> None:
-    import time
-
+def _wait(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
+        if condition():
             return
         time.sleep(0.2)
     raise TimeoutError("condition not met")
