@@ -27,7 +27,11 @@ PID_FILE=$RUN/kafka.pid
 LOG=$RUN/kafka.log
 OUT=$RUN/kafka.out
 CONFIG=$RUN/server.properties
-BOOTSTRAP=127.0.0.1:9092
+# Ports can be moved (e.g. to run a second broker beside a developer's own); clients then
+# need MAILRAIL_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT.
+KAFKA_PORT=${KAFKA_PORT:-9092}
+KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
+BOOTSTRAP=127.0.0.1:$KAFKA_PORT
 
 PY=${PY:-.venv/bin/python}
 JAVA=${JAVA:-java}
@@ -102,7 +106,8 @@ resolve_jars() {
 
 # The effective config: the template plus the absolute data directory.
 write_config() {
-    { cat "$KAFKA_DIR/server.properties"; echo; echo "log.dirs=$DATA"; } >"$CONFIG"
+    { sed -e "s/:9092/:$KAFKA_PORT/g" -e "s/:9093/:$KAFKA_CONTROLLER_PORT/g" "$KAFKA_DIR/server.properties"
+      echo; echo "log.dirs=$DATA"; } >"$CONFIG"
 }
 
 # Format the storage (random cluster id, this node as the only controller) on first start only.
@@ -162,7 +167,7 @@ cmd_up() {
         return 0
     fi
     rm -f "$PID_FILE"                        # stale or absent
-    for port in 9092 9093; do
+    for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
         port_in_use "$port" && die "127.0.0.1:$port is taken by another process (not our broker)"
     done
 

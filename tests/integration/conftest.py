@@ -64,7 +64,7 @@ class Stack:
 @pytest.fixture(scope="session")
 def kafka() -> Iterator[AdminClient]:
     if not broker_available():
-        pytest.fail("no Kafka broker on 127.0.0.1:9092: run `make kafka-up` (make test does)")
+        pytest.fail(f"no Kafka broker on {BOOTSTRAP}: run `make kafka-up` (make test does)")
     admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
     ensure_topics(admin, load_rules(RULES).pool_names())
     yield admin

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -13,7 +14,7 @@ from confluent_kafka.admin import AdminClient
 
 from schemas.records import DeliveryEvent
 
-BOOTSTRAP = "127.0.0.1:9092"
+BOOTSTRAP = os.environ.get("MAILRAIL_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 
 
 def broker_available(bootstrap: str = BOOTSTRAP, timeout_s: float = 5.0) -> bool:
