@@ -37,10 +37,13 @@ class AcceptedRecipient(_Record):
     suppressed: bool = False
 
 
+MessageId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
+
+
 class AcceptedMessage(_Record):
     """`mail.accepted`: one validated message, written by ingest before it answers 202."""
 
-    id: str
+    id: MessageId
     tenant: str
     accepted_at: datetime
     from_: str = Field(alias="from")
@@ -61,7 +64,7 @@ class BatchRecipient(_Record):
 class DeliveryBatch(_Record):
     """`mail.outbound.<pool>` and `mail.retry.<delay>`: one body, recipients of one destination."""
 
-    message_id: str
+    message_id: MessageId
     tenant: str
     pool: str
     throttle_key: str
@@ -72,6 +75,9 @@ class DeliveryBatch(_Record):
     accepted_at: datetime
     attempt: int = Field(default=1, ge=1)
     not_before: datetime | None = None
+    #: Why the batch waits in a delay topic without an attempt: its destination's quota was
+    #: spent ("quota", its slots are then reserved), the destination is paused, or busy.
+    held_for: Literal["quota", "paused", "busy"] | None = None
     tags: list[str] = Field(default_factory=list)
     metadata: dict[str, str] = Field(default_factory=dict)
 

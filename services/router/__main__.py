@@ -10,30 +10,48 @@ from datetime import datetime
 
 from confluent_kafka import Message
 
+from schemas.addresses import domain_of
 from schemas.catalogue import ACCEPTED, RETRY_TIERS, outbound_topic, retry_topic
 from schemas.records import AcceptedMessage, DeliveryBatch, utc_now
 from schemas.rules import Rules, load_rules
 from services.router.route import recheck, route
 from services.router.settings import RouterSettings
 from services.runtime.codec import batch_output, decode, event_output
+from services.runtime.dns import MxResolver
 from services.runtime.health import Health
 from services.runtime.http import admin_app, serve_http
 from services.runtime.loop import BadRecord, Output
 from services.runtime.producer import AsyncProducer
 from services.runtime.service import consumer_loop, run_service, run_until_stopped
+from services.runtime.settings import split_host_port
 from services.runtime.suppression import SuppressionView
 
 
 class Router:
-    def __init__(self, rules: Rules, suppressions: SuppressionView) -> None:
+    def __init__(
+        self, rules: Rules, suppressions: SuppressionView, resolver: MxResolver | None
+    ) -> None:
         self._rules = rules
         self._suppressions = suppressions
+        self._resolver = resolver
+
+    async def _mx_keys(self, accepted: AcceptedMessage) -> dict[str, str]:
+        """Throttle keys of provider groups matched by MX host (cached for the answers' TTL)."""
+        if self._resolver is None:
+            return {}
+        keys = {}
+        for domain in {domain_of(r.email) for r in accepted.recipients if not r.suppressed}:
+            route_ = await self._resolver.resolve(domain)
+            keys[domain] = self._rules.throttle_key(domain, [h.name for h in route_.hosts])
+        return keys
 
     async def on_accepted(self, message: Message) -> Sequence[Output]:
         accepted = decode(AcceptedMessage, message)
         if accepted.pool not in self._rules.pool_names():
             raise BadRecord(f"unknown pool {accepted.pool!r}", "unknown_pool", "pool")
-        batches, events = route(accepted, self._rules, self._suppressions.is_suppressed)
+        batches, events = route(
+            accepted, self._rules, self._suppressions.is_suppressed, await self._mx_keys(accepted)
+        )
         topic = outbound_topic(accepted.pool)
         return [*(batch_output(topic, b) for b in batches), *map(event_output, events)]
 
@@ -62,7 +80,10 @@ async def main(settings: RouterSettings, stop: asyncio.Event) -> None:
     health.add_check("suppressions", lambda: suppressions.ready)
     await asyncio.to_thread(suppressions.wait_ready, 60.0)
     producer = AsyncProducer(settings.producer_config())
-    router = Router(rules, suppressions)
+    resolver = None
+    if rules.needs_mx:
+        resolver = MxResolver(split_host_port(settings.dns, 53) if settings.dns else None)
+    router = Router(rules, suppressions, resolver)
     loops = [
         consumer_loop(
             settings,

@@ -18,15 +18,17 @@ from schemas.rules import Rules
 IsSuppressed = Callable[[str, str], bool]
 
 
-def throttle_key(domain: str, rules: Rules) -> str:
-    """The key whose quota a destination shares; one sender owns a key at a time."""
-    return domain
-
-
 def route(
-    message: AcceptedMessage, rules: Rules, is_suppressed: IsSuppressed
+    message: AcceptedMessage,
+    rules: Rules,
+    is_suppressed: IsSuppressed,
+    throttle_keys: dict[str, str] | None = None,
 ) -> tuple[list[DeliveryBatch], list[DeliveryEvent]]:
-    """Group the message's live recipients by domain into batches; suppressed ones get events."""
+    """Group the message's live recipients by domain into batches; suppressed ones get events.
+
+    `throttle_keys` maps a domain to its throttle key where it is not the domain itself
+    (a provider group found by MX lookup); domain-listed provider groups need no entry.
+    """
     now = utc_now()
     by_domain: dict[str, list[BatchRecipient]] = defaultdict(list)
     events: list[DeliveryEvent] = []
@@ -40,14 +42,15 @@ def route(
         events.append(_event(message, recipient.email, EventType.QUEUED, now))
     batches = []
     for domain, recipients in by_domain.items():
-        size = rules.shaping(domain).max_recipients_per_batch
+        key = (throttle_keys or {}).get(domain) or rules.throttle_key(domain)
+        size = rules.shaping(key).max_recipients_per_batch
         for start in range(0, len(recipients), size):
             batches.append(
                 DeliveryBatch(
                     message_id=message.id,
                     tenant=message.tenant,
                     pool=message.pool,
-                    throttle_key=throttle_key(domain, rules),
+                    throttle_key=key,
                     domain=domain,
                     from_=message.from_,
                     content=message.content,

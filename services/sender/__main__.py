@@ -10,6 +10,7 @@ from schemas.catalogue import outbound_topic
 from schemas.records import DeliveryBatch
 from schemas.rules import load_rules
 from services.runtime.codec import decode
+from services.runtime.dns import MxResolver
 from services.runtime.health import Health
 from services.runtime.http import admin_app, serve_http
 from services.runtime.loop import Output
@@ -17,7 +18,6 @@ from services.runtime.producer import AsyncProducer
 from services.runtime.service import consumer_loop, run_service, run_until_stopped
 from services.runtime.settings import split_host_port
 from services.sender.deliver import Deliverer, DeliveryPolicy
-from services.sender.mx import MxResolver
 from services.sender.settings import SenderSettings
 from services.sender.smtp import SmtpOptions, SmtpPool
 

@@ -22,9 +22,9 @@ from schemas.rules import Pool
 from services.bounce.classify import classify
 from services.bounce.verp import encode_return_path
 from services.runtime.codec import batch_output, event_output
+from services.runtime.dns import MxHost, MxResolver, MxRoute
 from services.runtime.loop import Output
 from services.sender.compose import compose
-from services.sender.mx import MxHost, MxResolver, MxRoute
 from services.sender.retry import expired, next_delay, tier_for
 from services.sender.smtp import ConnectFailed, SmtpPool
 

@@ -2,7 +2,7 @@ from datetime import UTC, datetime
 
 from schemas.api import Content
 from schemas.records import AcceptedMessage, AcceptedRecipient
-from schemas.rules import Rules, Shaping
+from schemas.rules import Provider, Rules, ShapingOverride
 from services.router.route import recheck, route
 
 
@@ -30,7 +30,7 @@ def test_recipients_are_grouped_by_domain_and_keyed_by_it() -> None:
 
 
 def test_batches_respect_the_recipient_limit() -> None:
-    rules = Rules(domains={"x.example": Shaping(max_recipients_per_batch=2)})
+    rules = Rules(domains={"x.example": ShapingOverride(max_recipients_per_batch=2)})
     batches, _ = route(message(*(f"u{i}@x.example" for i in range(5))), rules, lambda t, a: False)
     assert [len(b.recipients) for b in batches] == [2, 2, 1]
 
@@ -56,3 +56,25 @@ def test_recheck_drops_recipients_suppressed_since() -> None:
     assert [(e.recipient, e.type.value) for e in events] == [("a@x.example", "suppressed")]
     gone, _ = recheck(batches[0], lambda t, a: True)
     assert gone is None
+
+
+def test_provider_groups_share_a_throttle_key_and_its_shaping() -> None:
+    rules = Rules(
+        providers={
+            "google": Provider(domains=["gmail.com"], mx_suffixes=["google.com"], max_recipients_per_batch=1)
+        }
+    )
+    assert rules.throttle_key("GMAIL.com") == "google"
+    assert rules.throttle_key("corp.example", ["aspmx.l.google.com."]) == "google"
+    assert rules.throttle_key("corp.example", ["mx.notgoogle.com"]) == "corp.example"
+    batches, _ = route(
+        message("a@gmail.com", "b@corp.example", "c@corp.example"),
+        rules,
+        lambda t, a: False,
+        {"corp.example": "google"},
+    )
+    assert sorted((b.domain, b.throttle_key, len(b.recipients)) for b in batches) == [
+        ("corp.example", "google", 1),
+        ("corp.example", "google", 1),
+        ("gmail.com", "google", 1),
+    ]
