@@ -139,7 +139,9 @@ class MessageAccepted(_Strict):
 class ErrorDetail(_Strict):
     code: str
     message: str
-    field: str | None = None
+    field: str | None = Field(
+        default=None, description="the request field at fault, e.g. `to[3].email`"
+    )
 
 
 class ErrorResponse(_Strict):
@@ -162,3 +164,54 @@ class SuppressionEntry(_Strict):
 class SuppressionPage(_Strict):
     items: list[SuppressionEntry]
     next_cursor: str | None = None
+
+
+TimelineType = Literal[
+    "accepted",
+    "queued",
+    "suppressed",
+    "rejected",
+    "delivered",
+    "deferred",
+    "bounced",
+    "expired",
+    "complained",
+    "unsubscribed",
+]
+FinalState = Literal["delivered", "bounced", "suppressed", "expired"]
+
+
+class SmtpAnswer(_Strict):
+    code: int
+    enhanced: str | None = None
+    text: str = ""
+
+
+class TimelineEvent(_Strict):
+    """One state change of one recipient, as `mail.events` recorded it."""
+
+    type: TimelineType
+    ts: datetime
+    attempt: int = 0
+    mx: str | None = None
+    smtp: SmtpAnswer | None = None
+    category: str | None = None
+    hard: bool | None = None
+    detail: str | None = None
+
+
+class RecipientTimeline(_Strict):
+    email: str
+    #: The latest state (a complaint after delivery shows as `complained`).
+    state: TimelineType
+    #: The final state once reached: every accepted recipient ends in exactly one.
+    final: FinalState | None = None
+    events: list[TimelineEvent]
+
+
+class MessageStatus(_Strict):
+    """Answer to `GET /v1/messages/{id}`."""
+
+    id: str
+    accepted_at: datetime | None = None
+    recipients: list[RecipientTimeline]

@@ -11,6 +11,7 @@ from schemas.records import (
     ControlCommand,
     DeliveryBatch,
     DeliveryEvent,
+    IdempotencyRecord,
     Submission,
     Suppression,
 )
@@ -60,6 +61,10 @@ EVENTS = "mail.events"
 SUPPRESSION = "mail.suppression"
 CONTROL = "mail.control"
 REJECTED = "mail.rejected"
+IDEMPOTENCY = "mail.idempotency"
+#: How long an Idempotency-Key is remembered (the contract), and how long Kafka keeps its record.
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+_IDEMPOTENCY_RETENTION_MS = 26 * 3600 * 1000
 OUTBOUND_TEMPLATE = "mail.outbound.<pool>"
 
 
@@ -107,6 +112,21 @@ TOPICS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         CONTROL, "scope", ControlCommand, 1, ("operators",), ("sender", "router"), compacted=True
+    ),
+    TopicSpec(
+        IDEMPOTENCY,
+        "tenant/idempotency key",
+        IdempotencyRecord,
+        8,
+        ("ingest",),
+        ("ingest",),
+        compacted=True,
+        # Compacted and deleted: a key's latest record is kept for at least the 24 h window.
+        config={
+            "cleanup.policy": "compact,delete",
+            "retention.ms": str(_IDEMPOTENCY_RETENTION_MS),
+            "segment.ms": str(3600 * 1000),
+        },
     ),
     TopicSpec(
         REJECTED,

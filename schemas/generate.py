@@ -8,7 +8,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.api import ErrorResponse, MessageAccepted, MessageRequest, SuppressionRequest
+from schemas.api import (
+    ErrorResponse,
+    MessageAccepted,
+    MessageRequest,
+    MessageStatus,
+    SuppressionRequest,
+)
 from schemas.catalogue import TOPICS
 
 OUT_DIR = Path(__file__).parent / "jsonschema"
@@ -17,6 +23,7 @@ API_MODELS: tuple[type[BaseModel], ...] = (
     MessageAccepted,
     ErrorResponse,
     SuppressionRequest,
+    MessageStatus,
 )
 
 

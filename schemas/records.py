@@ -174,6 +174,41 @@ class RejectedHeaders(StrEnum):
     SOURCE_OFFSET = "mailrail-source-offset"
 
 
+class IdempotencyState(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    RELEASED = "released"
+
+
+class IdempotencyRecord(_Record):
+    """`mail.idempotency` (compacted, key `tenant/idempotency key`): who claimed a key, for
+    which body, and the answer once the message is stored.
+
+    Every ingest replica applies these records in log order with the same rule (see
+    `services/ingest/idempotency.py`), so all agree which claim of a key won.
+    """
+
+    tenant: str
+    key: str = Field(min_length=1, max_length=200)
+    state: IdempotencyState
+    #: Identifies one claim attempt; the `done`/`released` record of that attempt repeats it.
+    claim: str = Field(min_length=1, max_length=64)
+    body_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    message_id: MessageId
+    #: Positions (in `to`) of the recipients answered "suppressed"; the rest were "queued".
+    suppressed: list[int] = Field(default_factory=list)
+    #: When the key was first claimed: the 24 h window runs from here.
+    first_seen: datetime
+    ts: datetime = Field(default_factory=utc_now)
+    #: A pending claim older than this may be taken over (its owner is presumed dead).
+    lease_s: float = Field(default=30.0, gt=0)
+
+
+def idempotency_key(tenant: str, key: str) -> str:
+    """The compaction key of `mail.idempotency`."""
+    return f"{tenant}/{key}"
+
+
 def suppression_key(tenant: str, address: str) -> str:
     """The compaction key of `mail.suppression`: tenant and address, domain lower-cased."""
     local, _, domain = address.rpartition("@")
