@@ -5,9 +5,10 @@ from typing import TypeVar
 from confluent_kafka import Message
 from pydantic import BaseModel, ValidationError
 
-from schemas.catalogue import ACCEPTED, EVENTS, SUPPRESSION
+from schemas.catalogue import ACCEPTED, CONTROL, EVENTS, SUPPRESSION
 from schemas.records import (
     AcceptedMessage,
+    ControlCommand,
     DeliveryBatch,
     DeliveryEvent,
     Suppression,
@@ -19,7 +20,7 @@ from services.runtime.loop import BadRecord, Output
 M = TypeVar("M", bound=BaseModel)
 
 
-def encode(model: AcceptedMessage | DeliveryBatch | DeliveryEvent | Suppression) -> bytes:
+def encode(model: BaseModel) -> bytes:
     return model.model_dump_json(by_alias=True, exclude_none=True).encode()
 
 
@@ -55,3 +56,7 @@ def decode(model: type[M], message: Message) -> M:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or None
         raise BadRecord(f"not a valid {model.__name__}: {first['msg']}", "schema", field) from None
+
+
+def control_output(command: ControlCommand) -> Output:
+    return Output(CONTROL, encode(command), command.scope)

@@ -1,32 +1,43 @@
-"""Deliver one `DeliveryBatch`: find the route, send each recipient, turn replies into records.
+"""Deliver one `DeliveryBatch` under its destination's shaping.
 
-Every recipient of the batch ends the attempt in exactly one of: delivered, bounced,
-deferred (with a retry record), expired. Nothing here raises for a remote failure.
+Before any connection: a batch whose destination is paused, already has enough batches in
+progress, or whose quota cannot serve it within `max_quota_wait_s` goes back to a delay topic
+(`held_for` says why) instead of holding the partition. Otherwise each recipient is sent in
+its own transaction (VERP gives each its own return path) over one reused session, paced by
+the booked rate slots. Every recipient that was tried ends the attempt in exactly one of
+delivered, bounced, deferred (with a retry record) or expired.
 """
 
+import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from schemas.catalogue import retry_topic
 from schemas.categories import Category
 from schemas.records import (
     BatchRecipient,
+    ControlAction,
+    ControlCommand,
     DeliveryBatch,
     DeliveryEvent,
     EventType,
     SmtpReply,
     utc_now,
 )
-from schemas.rules import Pool
+from schemas.rules import Pool, Rules
 from services.bounce.classify import classify
 from services.bounce.verp import encode_return_path
-from services.runtime.codec import batch_output, event_output
+from services.runtime.codec import batch_output, control_output, event_output
 from services.runtime.dns import MxHost, MxResolver, MxRoute
 from services.runtime.loop import Output
+from services.sender import metrics
 from services.sender.compose import compose
+from services.sender.controls import Controls, scope_for
 from services.sender.retry import expired, next_delay, tier_for
-from services.sender.smtp import ConnectFailed, SmtpPool
+from services.sender.shaping import Clock, Destination, Destinations, ReplyPatterns, Signal
+from services.sender.smtp import ConnectFailed, SmtpPool, SmtpSession
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +50,15 @@ class DeliveryPolicy:
     max_age: timedelta
     smtp_port: int = 25
     smart_host: tuple[str, int] | None = None
+    #: A batch whose first rate slot is further away than this is held in a delay topic.
+    max_quota_wait_s: float = 2.0
+    #: Batches one destination may have in progress; more are held, so that no destination
+    #: takes the whole in-flight budget and stalls the others on its partitions.
+    max_batches_per_destination: int = 50
+    #: How long a batch for a destination with too many batches in progress is held.
+    busy_hold_s: float = 5.0
+    #: The longest single hold for a paused destination; it is then checked again.
+    max_pause_hold_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -46,26 +66,98 @@ class Outcome:
     recipient: BatchRecipient
     reply: SmtpReply
     mx: str | None
+    possible_duplicate: bool = False
+
+
+@dataclass
+class _Attempt:
+    outcomes: list[Outcome] = field(default_factory=list)
+    #: Recipients not tried because the destination was paused or blocked meanwhile.
+    untried: list[BatchRecipient] = field(default_factory=list)
+    blocked_by: SmtpReply | None = None
 
 
 class Deliverer:
     def __init__(
-        self, pool: Pool, policy: DeliveryPolicy, smtp: SmtpPool, resolver: MxResolver | None
+        self,
+        pool: Pool,
+        rules: Rules,
+        policy: DeliveryPolicy,
+        smtp: SmtpPool,
+        resolver: MxResolver | None,
+        controls: Controls,
+        clock: Clock = time.monotonic,
     ) -> None:
         self._pool = pool
+        self._rules = rules
         self._policy = policy
         self._smtp = smtp
         self._resolver = resolver
+        self._controls = controls
+        self._clock = clock
+        self._patterns = ReplyPatterns(rules.backoff)
+        self.destinations = Destinations(rules.shaping, rules.backoff, clock)
+        #: Pauses this sender decided itself (a blocking reply), until mail.control echoes them.
+        self._own_pauses: dict[str, datetime] = {}
 
     async def deliver(self, batch: DeliveryBatch) -> list[Output]:
-        route = await self._route(batch.domain)
-        outcomes: list[Outcome] = []
-        for recipient in batch.recipients:
-            if route.failure is not None:
-                outcomes.append(Outcome(recipient, route.failure, None))
-            else:
-                outcomes.append(await self._send(batch, recipient, route.hosts))
-        return self._records(batch, outcomes)
+        destination = self.destinations.get(batch.throttle_key)
+        destination.set_override(self._controls.quota(batch))
+        now = utc_now()
+        paused_until = self._paused_until(batch, now)
+        if paused_until is not None:
+            hold_until = min(paused_until, now + timedelta(seconds=self._policy.max_pause_hold_s))
+            return self._hold(batch, batch.recipients, hold_until, "paused", now)
+        if destination.waiting >= self._policy.max_batches_per_destination:
+            return self._hold(
+                batch,
+                batch.recipients,
+                now + timedelta(seconds=self._policy.busy_hold_s),
+                "busy",
+                now,
+            )
+        slots = self._book_slots(batch, destination)
+        if isinstance(slots, datetime):
+            return self._hold(batch, batch.recipients, slots, "quota", now)
+        destination.waiting += 1
+        try:
+            attempt = await self._attempt(batch, destination, slots)
+        finally:
+            destination.waiting -= 1
+        outputs = self._records(batch, attempt.outcomes)
+        if attempt.blocked_by is not None:
+            outputs.append(self._pause(batch, attempt.blocked_by))
+        if attempt.untried:
+            until = self._paused_until(batch, utc_now()) or utc_now()
+            outputs += self._hold(batch, attempt.untried, until, "paused", utc_now())
+        return outputs
+
+    def _paused_until(self, batch: DeliveryBatch, now: datetime) -> datetime | None:
+        own = self._own_pauses.get(batch.throttle_key)
+        if own is not None and own <= now:
+            del self._own_pauses[batch.throttle_key]
+            own = None
+        ordered = [t for t in (self._controls.paused_until(batch, now), own) if t is not None]
+        return max(ordered) if ordered else None
+
+    def _book_slots(self, batch: DeliveryBatch, destination: Destination) -> list[float] | datetime:
+        """Monotonic send times for each recipient, or the time to hold the batch until.
+
+        A batch held for quota had its slots booked when it was held: it is paced at the
+        destination's rate without booking them again.
+        """
+        now = self._clock()
+        count = len(batch.recipients)
+        limiter = destination.limiter
+        if not limiter.limited:
+            return [now] * count
+        if batch.held_for == "quota":
+            interval = 1.0 / (limiter.rate_per_s or 1.0)
+            return [now + i * interval for i in range(count)]
+        if limiter.next_slot() - now > self._policy.max_quota_wait_s:
+            first = limiter.reserve(count)[0]
+            return utc_now() + timedelta(seconds=first - now)
+        return limiter.reserve(count)
 
     async def _route(self, domain: str) -> MxRoute:
         smart_host = self._policy.smart_host
@@ -74,27 +166,127 @@ class Deliverer:
         assert self._resolver is not None
         return await self._resolver.resolve(domain)
 
-    async def _send(
-        self, batch: DeliveryBatch, recipient: BatchRecipient, hosts: tuple[MxHost, ...]
-    ) -> Outcome:
-        policy = self._policy
-        port = policy.smart_host[1] if policy.smart_host else policy.smtp_port
-        return_path = encode_return_path(
-            batch.message_id, recipient.index, policy.bounce_domain, batch.tenant, policy.verp_key
-        )
-        data = compose(batch, recipient)
-        last = SmtpReply(code=451, enhanced="4.4.1", text="no host reachable")
-        tried: str | None = None
-        for host in hosts:
-            for address in host.addresses:
-                tried = host.name
+    async def _attempt(
+        self, batch: DeliveryBatch, destination: Destination, slots: list[float]
+    ) -> _Attempt:
+        attempt = _Attempt()
+        route = await self._route(batch.domain)
+        if route.failure is not None:
+            attempt.outcomes = [Outcome(r, route.failure, None) for r in batch.recipients]
+            return attempt
+        candidates = [(host, address) for host in route.hosts for address in host.addresses]
+        port = self._policy.smart_host[1] if self._policy.smart_host else self._policy.smtp_port
+        shaping = destination.shaping
+        pending = list(zip(batch.recipients, slots, strict=True))
+        last = SmtpReply(code=451, enhanced="4.4.1", text="no MX host reachable")
+        index = failures = 0
+        async with destination.concurrency.slot():
+            while pending and failures < len(candidates):
+                host, address = candidates[index % len(candidates)]
                 try:
-                    reply = await self._smtp.send(address, port, return_path, recipient.email, data)
+                    async with self._smtp.session(
+                        address, port, host.name, shaping.tls, shaping.max_messages_per_connection
+                    ) as session:
+                        done = await self._send_on(session, batch, destination, pending, attempt)
                 except ConnectFailed as failed:
                     last = failed.reply
+                    failures += 1
+                    index += 1
                     continue
-                return Outcome(recipient, reply, host.name)
-        return Outcome(recipient, last, tried)
+                pending = pending[done:]
+                if attempt.blocked_by is not None or attempt.untried:
+                    break
+                if done == 0:
+                    failures += 1
+                    index += 1
+        attempt.outcomes += [
+            Outcome(r, last, candidates[-1][0].name if candidates else None)
+            for r, _ in pending
+            if r not in attempt.untried
+        ]
+        return attempt
+
+    async def _send_on(
+        self,
+        session: SmtpSession,
+        batch: DeliveryBatch,
+        destination: Destination,
+        pending: list[tuple[BatchRecipient, float]],
+        attempt: _Attempt,
+    ) -> int:
+        """Send pending recipients on one session; returns how many were consumed."""
+        for done, (recipient, slot) in enumerate(pending):
+            if not session.alive:
+                return done
+            if self._paused_until(batch, utc_now()) is not None:
+                attempt.untried = [r for r, _ in pending[done:]]
+                return len(pending)
+            wait_s = slot - self._clock()
+            metrics.QUOTA_WAIT_SECONDS.labels(batch.pool).observe(max(wait_s, 0.0))
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            data = compose(batch, recipient)
+            return_path = encode_return_path(
+                batch.message_id,
+                recipient.index,
+                self._policy.bounce_domain,
+                batch.tenant,
+                self._policy.verp_key,
+            )
+            started = self._clock()
+            result = await session.send(return_path, recipient.email, data)
+            metrics.SMTP_SECONDS.labels(batch.pool).observe(self._clock() - started)
+            destination.note_send()
+            signal = self._patterns.signal(result.reply)
+            await destination.on_signal(signal)
+            attempt.outcomes.append(
+                Outcome(recipient, result.reply, session.host, result.possible_duplicate)
+            )
+            if signal is Signal.BLOCK:
+                attempt.blocked_by = result.reply
+                attempt.untried = [r for r, _ in pending[done + 1 :]]
+                return len(pending)
+        return len(pending)
+
+    def _pause(self, batch: DeliveryBatch, reply: SmtpReply) -> Output:
+        until = utc_now() + timedelta(seconds=self._rules.backoff.block_pause_s)
+        self._own_pauses[batch.throttle_key] = until
+        log.warning(
+            "destination blocked us: pausing it for this pool",
+            extra={
+                "destination": batch.throttle_key,
+                "pool": batch.pool,
+                "until": until.isoformat(),
+                "reply": reply.text,
+            },
+        )
+        command = ControlCommand(
+            scope=scope_for(batch),
+            action=ControlAction.PAUSE,
+            expires_at=until,
+            reason=f"blocked: {reply.code} {reply.enhanced or ''} {reply.text}"[:300],
+        )
+        return control_output(command)
+
+    def _hold(
+        self,
+        batch: DeliveryBatch,
+        recipients: list[BatchRecipient],
+        until: datetime,
+        reason: str,
+        now: datetime,
+    ) -> list[Output]:
+        """Move recipients to a delay topic without counting an attempt (or expire them)."""
+        if until > batch.accepted_at + self._policy.max_age:
+            reply = SmtpReply(code=451, enhanced="4.4.7", text=f"expired while held ({reason})")
+            return [
+                self._event(batch, r, EventType.EXPIRED, reply, None, now, Category.EXPIRED, True)
+                for r in recipients
+            ]
+        held = batch.model_copy(
+            update={"recipients": recipients, "not_before": until, "held_for": reason}
+        )
+        return [batch_output(retry_topic(tier_for(until - now)), held)]
 
     def _records(self, batch: DeliveryBatch, outcomes: list[Outcome]) -> list[Output]:
         now = utc_now()
@@ -103,51 +295,66 @@ class Deliverer:
         delay = next_delay(batch.attempt, self._policy.retry_schedule_s)
         too_old = expired(batch.accepted_at, now, delay, self._policy.max_age)
         for outcome in outcomes:
-            event_type, category, hard = self._verdict(outcome.reply, too_old)
-            if event_type is EventType.DEFERRED:
-                deferred.append(outcome.recipient)
+            reply = outcome.reply
+            if reply.code < 400:
+                kind, category, hard = EventType.DELIVERED, None, None
+            else:
+                verdict = classify(reply.code, reply.enhanced, reply.text)
+                if reply.code >= 500 and verdict.hard:
+                    kind, category, hard = EventType.BOUNCED, verdict.category, True
+                elif too_old:
+                    kind, category, hard = EventType.EXPIRED, Category.EXPIRED, True
+                else:
+                    kind, category, hard = EventType.DEFERRED, verdict.category, False
+                    deferred.append(outcome.recipient)
+            detail = (
+                "possible duplicate: no reply to the final dot"
+                if outcome.possible_duplicate
+                else None
+            )
             outputs.append(
-                event_output(
-                    DeliveryEvent(
-                        type=event_type,
-                        message_id=batch.message_id,
-                        tenant=batch.tenant,
-                        recipient=outcome.recipient.email,
-                        ts=now,
-                        attempt=batch.attempt,
-                        pool=batch.pool,
-                        mx=outcome.mx,
-                        smtp=outcome.reply,
-                        category=category,
-                        hard=hard,
-                        tags=batch.tags,
-                    )
+                self._event(
+                    batch, outcome.recipient, kind, reply, outcome.mx, now, category, hard, detail
                 )
             )
         if deferred:
-            outputs.append(self._retry(batch, deferred, now, delay))
+            retry = batch.model_copy(
+                update={
+                    "recipients": deferred,
+                    "attempt": batch.attempt + 1,
+                    "not_before": now + delay,
+                    "held_for": None,
+                }
+            )
+            outputs.append(batch_output(retry_topic(tier_for(delay)), retry))
         return outputs
 
     @staticmethod
-    def _verdict(reply: SmtpReply, too_old: bool) -> tuple[EventType, Category | None, bool | None]:
-        if reply.code < 400:
-            return EventType.DELIVERED, None, None
-        verdict = classify(reply.code, reply.enhanced, reply.text)
-        if reply.code >= 500:
-            return EventType.BOUNCED, verdict.category, True
-        if too_old:
-            return EventType.EXPIRED, Category.EXPIRED, True
-        return EventType.DEFERRED, verdict.category, False
-
-    @staticmethod
-    def _retry(
-        batch: DeliveryBatch, recipients: list[BatchRecipient], now: datetime, delay: timedelta
+    def _event(
+        batch: DeliveryBatch,
+        recipient: BatchRecipient,
+        kind: EventType,
+        reply: SmtpReply,
+        mx: str | None,
+        now: datetime,
+        category: Category | None,
+        hard: bool | None,
+        detail: str | None = None,
     ) -> Output:
-        retry = batch.model_copy(
-            update={
-                "recipients": recipients,
-                "attempt": batch.attempt + 1,
-                "not_before": now + delay,
-            }
+        return event_output(
+            DeliveryEvent(
+                type=kind,
+                message_id=batch.message_id,
+                tenant=batch.tenant,
+                recipient=recipient.email,
+                ts=now,
+                attempt=batch.attempt,
+                pool=batch.pool,
+                mx=mx,
+                smtp=reply,
+                category=category,
+                hard=hard,
+                detail=detail,
+                tags=batch.tags,
+            )
         )
-        return batch_output(retry_topic(tier_for(delay)), retry)

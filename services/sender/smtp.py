@@ -1,26 +1,39 @@
-"""SMTP transactions over pooled, reused connections (aiosmtplib underneath).
+"""SMTP sessions over pooled, reused connections (aiosmtplib underneath).
 
-A connection is reused for the same host up to `max_messages_per_connection`; at most
-`max_connections` are open per host. Every outcome comes back as an `SmtpReply`, including
-connection failures (4.4.1) and a connection lost mid-transaction (4.4.2): nothing raises.
+One `SmtpSession` is one connection to one MX host, reused up to the destination's
+`max_messages_per_connection`. `send()` runs one transaction for one recipient and always
+returns an `SmtpReply` — connection failures and losses included — so callers never catch.
+Where the server offers PIPELINING, MAIL, RCPT and DATA go in one round trip. Timeouts are
+RFC 5321's (5 minutes per command, 10 minutes for the final dot), not a library default.
 """
 
 import asyncio
 import logging
 import re
+import socket
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import aiosmtplib
+from aiosmtplib.protocol import normalize_message_line_endings
+from aiosmtplib.response import SMTPResponse
 
 from schemas.records import SmtpReply
+from schemas.rules import TlsPolicy
+from services.sender import pipelining
+from services.sender.pipelining import PipeliningProtocol
 
 log = logging.getLogger(__name__)
 
+pipelining.install()
+
 CONNECT_TIMEOUT_S = 30.0
+COMMAND_TIMEOUT_S = 300.0
+DATA_TIMEOUT_S = 600.0
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 def reply_of(code: int, message: str) -> SmtpReply:
@@ -33,120 +46,260 @@ def reply_of(code: int, message: str) -> SmtpReply:
     return SmtpReply(code=code, enhanced=enhanced, text=text[:500])
 
 
+def _reply(response: SMTPResponse) -> SmtpReply:
+    return reply_of(response.code, response.message)
+
+
+def _lost(text: str) -> SmtpReply:
+    return SmtpReply(code=451, enhanced="4.4.2", text=text[:500])
+
+
 class ConnectFailed(Exception):
+    """No session could be opened: the reply says why (4.4.1, a greeting, TLS failure)."""
+
     def __init__(self, reply: SmtpReply) -> None:
         super().__init__(reply.text)
         self.reply = reply
 
 
-@dataclass
-class _Connection:
-    client: aiosmtplib.SMTP
-    sent: int = 0
-
-
-@dataclass
-class _HostSlots:
-    limit: asyncio.Semaphore
-    idle: list[_Connection] = field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class SmtpOptions:
     ehlo: str
-    timeout_s: float = 300.0
     source_address: str | None = None
-    tls: str = "opportunistic"
+    command_timeout_s: float = COMMAND_TIMEOUT_S
+    data_timeout_s: float = DATA_TIMEOUT_S
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+
+
+@dataclass
+class SendResult:
+    reply: SmtpReply
+    #: The server may have the message although it did not say so (connection lost after
+    #: the final dot, RFC 1047): a retry can deliver it twice.
+    possible_duplicate: bool = False
+
+
+class SmtpSession:
+    def __init__(self, client: aiosmtplib.SMTP, host: str) -> None:
+        self.client = client
+        self.host = host
+        self.sent = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.client.is_connected
+
+    @property
+    def pipelining(self) -> bool:
+        return self.client.supports_extension("pipelining")
+
+    async def send(self, mail_from: str, rcpt: str, data: bytes) -> SendResult:
+        """One transaction for one recipient."""
+        client = self.client
+        protocol = client.protocol
+        if protocol is None or not client.is_connected:
+            return SendResult(_lost("connection lost before the transaction"))
+        size_limit = _size_limit(client)
+        if size_limit and len(data) > size_limit:
+            return SendResult(
+                SmtpReply(
+                    code=552,
+                    enhanced="5.3.4",
+                    text=f"message size {len(data)} exceeds the server's limit {size_limit}",
+                )
+            )
+        utf8 = not (mail_from.isascii() and rcpt.isascii())
+        if utf8 and not client.supports_extension("smtputf8"):
+            return SendResult(
+                SmtpReply(
+                    code=553,
+                    enhanced="5.6.7",
+                    text="non-ASCII address and the server does not offer SMTPUTF8",
+                )
+            )
+        options = b" SMTPUTF8" if utf8 else b""
+        if size_limit is not None:
+            options += b" SIZE=%d" % len(data)
+        if not data.isascii() and client.supports_extension("8bitmime"):
+            options += b" BODY=8BITMIME"
+        mail = b"MAIL FROM:<" + mail_from.encode() + b">" + options + b"\r\n"
+        rcpt_to = b"RCPT TO:<" + rcpt.encode() + b">\r\n"
+        self.sent += 1
+        try:
+            if self.pipelining and isinstance(protocol, PipeliningProtocol):
+                replies = await protocol.pipeline(
+                    [mail, rcpt_to, b"DATA\r\n"], self_timeout(client)
+                )
+            else:
+                replies = []
+                for command in (mail, rcpt_to, b"DATA\r\n"):
+                    replies.append(
+                        await protocol.execute_command(command[:-2], timeout=self_timeout(client))
+                    )
+                    if replies[-1].code >= 400:
+                        break
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            client.close()
+            return SendResult(_lost(f"connection lost: {exc}"))
+        failed = next((r for r in replies[:2] if r.code >= 400), None)
+        if failed is not None or replies[-1].code != 354:
+            await self._abort(replies)
+            return SendResult(_reply(failed or replies[-1]))
+        body = _LEADING_DOT.sub(b"..", normalize_message_line_endings(data))
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        try:
+            protocol.write(body + b".\r\n")
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            client.close()
+            return SendResult(_lost(f"connection lost during DATA: {exc}"))
+        try:
+            async with _lock(protocol):
+                final = await protocol.read_response(timeout=DATA_TIMEOUT_S)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            client.close()
+            return SendResult(_lost(f"no reply to the final dot: {exc}"), possible_duplicate=True)
+        if final.code == 421:
+            client.close()
+        return SendResult(_reply(final))
+
+    async def _abort(self, replies: list[SMTPResponse]) -> None:
+        """After a refused MAIL or RCPT: end an accepted DATA with an empty body, then RSET."""
+        protocol = self.client.protocol
+        if protocol is None:
+            return
+        try:
+            if replies and replies[-1].code == 354:
+                protocol.write(b".\r\n")
+                async with _lock(protocol):
+                    await protocol.read_response(timeout=COMMAND_TIMEOUT_S)
+            if any(r.code == 421 for r in replies):
+                self.client.close()
+                return
+            await protocol.execute_command(b"RSET", timeout=COMMAND_TIMEOUT_S)
+        except (aiosmtplib.SMTPException, OSError):
+            self.client.close()
+
+
+def self_timeout(client: aiosmtplib.SMTP) -> float:
+    return client.timeout or COMMAND_TIMEOUT_S
+
+
+@asynccontextmanager
+async def _lock(protocol: object) -> AsyncIterator[None]:
+    lock = getattr(protocol, "_command_lock", None)
+    if lock is None:
+        yield
+        return
+    async with lock:
+        yield
+
+
+def _size_limit(client: aiosmtplib.SMTP) -> int | None:
+    if not client.supports_extension("size"):
+        return None
+    value = client.esmtp_extensions.get("size", "")
+    return int(value) if value.strip().isdigit() and int(value) > 0 else None
+
+
+@dataclass
+class _Host:
+    idle: list[SmtpSession] = field(default_factory=list)
+    open: int = 0
 
 
 class SmtpPool:
-    def __init__(
-        self,
-        options: SmtpOptions,
-        max_connections: int = 10,
-        max_messages_per_connection: int = 100,
-    ) -> None:
+    """Idle sessions per (address, port, TLS policy), reused until their message limit."""
+
+    def __init__(self, options: SmtpOptions, max_connections_per_host: int = 100) -> None:
         self._options = options
-        self._max_connections = max_connections
-        self._max_messages = max_messages_per_connection
-        self._hosts: dict[tuple[str, int], _HostSlots] = defaultdict(
-            lambda: _HostSlots(asyncio.Semaphore(self._max_connections))
-        )
+        self._hosts: dict[tuple[str, int, str], _Host] = defaultdict(_Host)
+        self._max_per_host = max_connections_per_host
 
     @property
     def open_connections(self) -> int:
-        return sum(len(slots.idle) for slots in self._hosts.values())
-
-    async def send(
-        self, address: str, port: int, mail_from: str, rcpt: str, data: bytes
-    ) -> SmtpReply:
-        """One transaction for one recipient. Raises `ConnectFailed` only if no session opened."""
-        async with self._connection(address, port) as connection:
-            try:
-                errors, response = await connection.client.sendmail(mail_from, [rcpt], data)
-            except aiosmtplib.SMTPRecipientsRefused as refused:
-                connection.sent += 1
-                reason = refused.recipients[0]
-                return reply_of(reason.code, reason.message)
-            except aiosmtplib.SMTPResponseException as exc:
-                connection.sent += 1
-                if exc.code == 421:
-                    connection.client.close()
-                return reply_of(exc.code, exc.message)
-            except (aiosmtplib.SMTPException, OSError) as exc:
-                connection.client.close()
-                return SmtpReply(code=451, enhanced="4.4.2", text=f"connection lost: {exc}"[:500])
-            connection.sent += 1
-            if rcpt in errors:
-                return reply_of(errors[rcpt].code, errors[rcpt].message)
-            return reply_of(250, response)
+        return sum(host.open for host in self._hosts.values())
 
     @asynccontextmanager
-    async def _connection(self, address: str, port: int) -> AsyncIterator[_Connection]:
-        slots = self._hosts[(address, port)]
-        async with slots.limit:
-            connection = None
-            while slots.idle and connection is None:
-                candidate = slots.idle.pop()
-                if candidate.client.is_connected:
-                    connection = candidate
-            if connection is None:
-                connection = await self._open(address, port)
-            try:
-                yield connection
-            finally:
-                if connection.client.is_connected and connection.sent < self._max_messages:
-                    slots.idle.append(connection)
-                else:
-                    await _quit(connection.client)
-
-    async def _open(self, address: str, port: int) -> _Connection:
-        options = self._options
-        client = aiosmtplib.SMTP(
-            hostname=address,
-            port=port,
-            local_hostname=options.ehlo,
-            source_address=(options.source_address, 0) if options.source_address else None,
-            timeout=options.timeout_s,
-            start_tls=None if options.tls == "opportunistic" else options.tls == "required",
-            validate_certs=options.tls == "required",
-        )
+    async def session(
+        self, address: str, port: int, host_name: str, tls: TlsPolicy, max_messages: int
+    ) -> AsyncIterator[SmtpSession]:
+        """A session to `address:port`; raises ConnectFailed when none can be opened."""
+        host = self._hosts[(address, port, tls)]
+        session = None
+        while host.idle and session is None:
+            candidate = host.idle.pop()
+            if candidate.alive:
+                session = candidate
+            else:
+                host.open -= 1
+        if session is None:
+            session = await self._open(address, port, host_name, tls)
+            host.open += 1
         try:
-            await client.connect(timeout=CONNECT_TIMEOUT_S)
-        except aiosmtplib.SMTPConnectResponseError as exc:
-            raise ConnectFailed(reply_of(exc.code, exc.message)) from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
+            yield session
+        finally:
+            if (
+                session.alive
+                and session.sent < max_messages
+                and len(host.idle) < self._max_per_host
+            ):
+                host.idle.append(session)
+            else:
+                host.open -= 1
+                await _quit(session.client)
+
+    async def _open(self, address: str, port: int, host_name: str, tls: TlsPolicy) -> SmtpSession:
+        options = self._options
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            if options.source_address:
+                sock.bind((options.source_address, 0))
+            await asyncio.wait_for(
+                loop.sock_connect(sock, (address, port)), options.connect_timeout_s
+            )
+        except (OSError, TimeoutError) as exc:
+            sock.close()
             raise ConnectFailed(
                 SmtpReply(
-                    code=451, enhanced="4.4.1", text=f"connect to {address}:{port}: {exc}"[:500]
+                    code=451,
+                    enhanced="4.4.1",
+                    text=f"connect to {host_name} [{address}]:{port}: {exc or 'timed out'}"[:500],
                 )
             ) from None
-        return _Connection(client)
+        client = aiosmtplib.SMTP(
+            hostname=host_name,
+            sock=sock,
+            local_hostname=options.ehlo,
+            timeout=options.command_timeout_s,
+            start_tls={"opportunistic": None, "required": True, "disabled": False}[tls],
+            validate_certs=tls == "required",
+        )
+        try:
+            await client.connect(timeout=options.connect_timeout_s)
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            client.close()
+            raise ConnectFailed(reply_of(exc.code, exc.message)) from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            client.close()
+            enhanced = "4.7.5" if tls == "required" else "4.4.1"
+            raise ConnectFailed(
+                SmtpReply(
+                    code=451,
+                    enhanced=enhanced,
+                    text=f"session with {host_name} [{address}]:{port}: {exc}"[:500],
+                )
+            ) from None
+        return SmtpSession(client, host_name)
 
     async def close(self) -> None:
-        for slots in self._hosts.values():
-            while slots.idle:
-                await _quit(slots.idle.pop().client)
+        for host in self._hosts.values():
+            while host.idle:
+                await _quit(host.idle.pop().client)
+                host.open -= 1
 
 
 async def _quit(client: aiosmtplib.SMTP) -> None:

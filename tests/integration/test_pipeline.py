@@ -140,7 +140,7 @@ def test_hard_bounce_suppresses_the_next_message(stack: Stack, events: EventLog)
 
 
 def test_soft_failure_is_deferred_retried_and_expires(stack: Stack, events: EventLog) -> None:
-    later = unique("defer")
+    later = unique("defer", "deferring.example")
     post(stack, {"from": "a@acme.example", "to": [later], "subject": "s", "text": "t"})
     seen = events.wait_types(later, {"deferred", "expired"}, timeout_s=60)
     deferred = [e for e in seen if e.type.value == "deferred"]

@@ -1,0 +1,121 @@
+"""Operator controls from the compacted `mail.control` topic, as the sender obeys them.
+
+A scope is `kind:value` parts joined by `@`, e.g. `domain:gmail.com@pool:marketing`; a
+command applies to a batch when every part it names matches. Kinds: `domain` (the recipient
+domain or the throttle key), `provider` (the throttle key), `pool`, `tenant`. Parts of other
+kinds (such as `dnsbl:zone`) label the command and do not narrow it.
+"""
+
+import logging
+import threading
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from schemas.catalogue import CONTROL
+from schemas.records import ControlAction, ControlCommand, DeliveryBatch, utc_now
+from services.runtime.compacted import CompactedReader
+
+log = logging.getLogger(__name__)
+
+
+def parse_scope(scope: str) -> dict[str, str]:
+    parts: dict[str, str] = {}
+    for part in scope.split("@"):
+        kind, sep, value = part.partition(":")
+        if sep:
+            parts[kind.strip().lower()] = value.strip().lower()
+    return parts
+
+
+def scope_matches(parts: dict[str, str], batch: DeliveryBatch) -> bool:
+    for kind, value in parts.items():
+        if kind == "domain" and value not in (batch.domain, batch.throttle_key):
+            return False
+        if kind == "provider" and value != batch.throttle_key:
+            return False
+        if kind == "pool" and value != batch.pool:
+            return False
+        if kind == "tenant" and value != batch.tenant:
+            return False
+    return True
+
+
+def scope_for(batch: DeliveryBatch) -> str:
+    return f"domain:{batch.throttle_key}@pool:{batch.pool}"
+
+
+class Controls:
+    """The commands in force; reads are lock-free snapshots, updated by the reader thread."""
+
+    def __init__(self) -> None:
+        self._commands: dict[str, tuple[dict[str, str], ControlCommand]] = {}
+        self._lock = threading.Lock()
+
+    def apply(self, scope: str, command: ControlCommand | None) -> None:
+        with self._lock:
+            commands = dict(self._commands)
+            if command is None:
+                commands.pop(scope, None)
+            else:
+                commands[scope] = (parse_scope(command.scope), command)
+            self._commands = commands
+
+    def _active(
+        self, batch: DeliveryBatch, action: ControlAction, now: datetime
+    ) -> list[ControlCommand]:
+        return [
+            command
+            for parts, command in self._commands.values()
+            if command.action is action
+            and (command.expires_at is None or command.expires_at > now)
+            and scope_matches(parts, batch)
+        ]
+
+    def paused_until(self, batch: DeliveryBatch, now: datetime | None = None) -> datetime | None:
+        """When the latest pause in force for this batch ends (`datetime.max` if never)."""
+        now = now or utc_now()
+        pauses = self._active(batch, ControlAction.PAUSE, now)
+        if not pauses:
+            return None
+        return max(p.expires_at or datetime.max.replace(tzinfo=now.tzinfo) for p in pauses)
+
+    def quota(self, batch: DeliveryBatch, now: datetime | None = None) -> float | None:
+        """The lowest quota override in force (messages per second), if any."""
+        rates = [
+            c.messages_per_s for c in self._active(batch, ControlAction.QUOTA, now or utc_now())
+        ]
+        known = [r for r in rates if r is not None]
+        return min(known) if known else None
+
+
+class ControlView:
+    def __init__(self, kafka_config: dict[str, Any]) -> None:
+        self.controls = Controls()
+        self._reader = CompactedReader(kafka_config, CONTROL, self._on_record)
+
+    def _on_record(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self.controls.apply(key, None)
+            return
+        try:
+            command = ControlCommand.model_validate_json(value)
+        except ValidationError:
+            log.warning("unreadable control record", extra={"key": key})
+            return
+        self.controls.apply(key, command)
+        log.info("control", extra={"scope": command.scope, "action": command.action.value})
+
+    def start(self) -> None:
+        self._reader.start()
+
+    def stop(self) -> None:
+        self._reader.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self._reader.ready
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        return self._reader.wait_ready(timeout_s)

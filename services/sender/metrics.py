@@ -1,0 +1,38 @@
+"""The sender's own metrics: per destination (throttle key) and per SMTP transaction."""
+
+from prometheus_client import Gauge, Histogram
+
+SMTP_SECONDS = Histogram(
+    "mailrail_smtp_transaction_seconds",
+    "One SMTP transaction, MAIL to the reply after the final dot",
+    ["pool"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+QUOTA_WAIT_SECONDS = Histogram(
+    "mailrail_quota_wait_seconds",
+    "Time a message waited for its destination's rate slot",
+    ["pool"],
+    buckets=(0, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 60),
+)
+DESTINATION_RATE = Gauge(
+    "mailrail_destination_rate_per_s", "Measured send rate", ["pool", "destination"]
+)
+DESTINATION_QUOTA = Gauge(
+    "mailrail_destination_quota_per_s",
+    "Rate in force after rules, overrides and backoff (-1 = unlimited)",
+    ["pool", "destination"],
+)
+DESTINATION_BACKOFF = Gauge(
+    "mailrail_destination_backoff_factor",
+    "Share of configured rate and concurrency in force (1 = no backoff)",
+    ["pool", "destination"],
+)
+DESTINATION_CONCURRENCY = Gauge(
+    "mailrail_destination_connections_in_use", "Connections busy", ["pool", "destination"]
+)
+DESTINATION_WAITING = Gauge(
+    "mailrail_destination_batches_waiting",
+    "Batches being delivered or waiting",
+    ["pool", "destination"],
+)
+CONNECTIONS_OPEN = Gauge("mailrail_smtp_connections_open", "Open SMTP connections", ["pool"])
