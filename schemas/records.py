@@ -124,6 +124,9 @@ class DeliveryEvent(_Record):
     category: Category | None = None
     hard: bool | None = None
     detail: str | None = None
+    #: DKIM as sent: `aligned: <d>/<s>, ...` (the From domain signed), `unaligned: <d>/<s>,
+    #: ... (<why>)` (only other domains signed) or `unsigned: <why>`; absent without DKIM.
+    dkim: str | None = None
     tags: list[str] = Field(default_factory=list)
 
 
