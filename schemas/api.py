@@ -84,8 +84,15 @@ class Content(_Strict):
             decoded = _decode_base64(value)
             if b"\x00" in decoded:
                 raise ValueError("raw message contains NUL")
-            if b"\r\n\r\n" not in decoded and b"\n\n" not in decoded:
+            head, sep, _ = decoded.replace(b"\r\n", b"\n").partition(b"\n\n")
+            if not sep:
                 raise ValueError("raw message has no header/body separator")
+            try:
+                head.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"raw message header is not valid UTF-8 (at byte {exc.start})"
+                ) from None
         return value
 
     @model_validator(mode="after")

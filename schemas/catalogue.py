@@ -126,6 +126,8 @@ TOPICS: tuple[TopicSpec, ...] = (
             "cleanup.policy": "compact,delete",
             "retention.ms": str(_IDEMPOTENCY_RETENTION_MS),
             "segment.ms": str(3600 * 1000),
+            # One clock for every replica's lease and window decisions: the broker's.
+            "message.timestamp.type": "LogAppendTime",
         },
     ),
     TopicSpec(

@@ -1,60 +1,73 @@
 """The HTTP API (contract in design.md): messages, suppressions, health, OpenAPI."""
 
-import asyncio
 import logging
+import re
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Path, Query, Response
-from pydantic import ValidationError
+from fastapi import FastAPI, Header, Path, Request, Response
+from fastapi.openapi.utils import get_openapi
 
-from schemas.addresses import normalise_address
-from schemas.api import (
-    ErrorResponse,
-    MessageAccepted,
-    MessageRequest,
-    SuppressionEntry,
-    SuppressionPage,
-    SuppressionRequest,
-)
-from schemas.records import Suppression, SuppressionReason, suppression_key
-from schemas.rules import Rules
-from services.ingest.accept import UnknownPool, accept, answer
-from services.ingest.auth import ApiKeys
-from services.ingest.errors import ApiError, install_error_handlers
+from schemas.api import ErrorResponse, MessageAccepted, MessageRequest, MessageStatus
+from services.ingest.accept import InvalidField, UnknownPool
+from services.ingest.auth import ApiKeys, tenant_of
+from services.ingest.body import parse_body
+from services.ingest.errors import ApiError, install_error_handlers, unavailable
 from services.ingest.limits import BodySizeLimit, request_limit
-from services.runtime.codec import accepted_output, suppression_output, suppression_removal
+from services.ingest.publish import KeyConflict, KeyInProgress, Publisher, Unavailable
+from services.ingest.ratelimit import RateLimiter
+from services.ingest.status import StatusView
+from services.ingest.suppressions import suppression_routes
 from services.runtime.health import Health
 from services.runtime.http import health_routes
-from services.runtime.loop import Output
-from services.runtime.producer import AsyncProducer, DeliveryFailed
-from services.runtime.suppression import SuppressionView
 
 log = logging.getLogger(__name__)
 
-_ERRORS: dict[int | str, dict[str, object]] = {
+_MESSAGE_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_RETRY_AFTER = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
+    | ({"headers": _RETRY_AFTER} if status in (429, 503) else {})
     for status, description in {
-        400: "invalid request",
+        400: "invalid request (`error.field` names the field)",
         401: "missing or unknown API key",
-        403: "not allowed for this tenant",
+        404: "not found",
+        405: "method not allowed",
         413: "request too large",
+        415: "not application/json",
         429: "rate-limited (see Retry-After)",
         503: "Kafka unavailable (see Retry-After)",
     }.items()
+}
+_POST_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: {
+        "model": ErrorResponse,
+        "description": "Idempotency-Key reused with another body, or its first request is"
+        " still in progress (then with Retry-After)",
+    }
+}
+_GET_ERRORS: dict[int | str, dict[str, Any]] = {
+    403: {"model": ErrorResponse, "description": "the message belongs to another tenant"}
 }
 
 
 @dataclass
 class IngestDeps:
-    rules: Rules
     keys: ApiKeys
-    producer: AsyncProducer
-    suppressions: SuppressionView
+    publisher: Publisher
+    limiter: RateLimiter
+    status: StatusView
     health: Health
     max_message_bytes: int
-    produce_timeout_s: float
     retry_after_s: int
+
+
+def message_size(request: MessageRequest) -> int:
+    """Bytes of content the message carries (attachments counted decoded)."""
+    if request.raw is not None:
+        return len(request.raw) * 3 // 4
+    size = len((request.text or "").encode()) + len((request.html or "").encode())
+    return size + sum(len(a.content) * 3 // 4 for a in request.attachments)
 
 
 def create_app(deps: IngestDeps) -> FastAPI:
@@ -68,126 +81,138 @@ def create_app(deps: IngestDeps) -> FastAPI:
     for route in health_routes(deps.health):
         app.router.routes.append(route)
 
-    def tenant_of(authorization: str | None) -> str:
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "unauthorized", "missing Authorization: Bearer <api key>")
-        tenant = deps.keys.tenant_for(token.strip())
-        if tenant is None:
-            raise ApiError(401, "unauthorized", "unknown API key")
-        return tenant
-
-    async def write(outputs: list[Output]) -> None:
-        """Wait for Kafka's acknowledgement of every output, or answer 503."""
-        try:
-            await asyncio.wait_for(
-                deps.producer.send_all([(o.topic, o.value, o.key, o.headers) for o in outputs]),
-                deps.produce_timeout_s,
-            )
-        except (TimeoutError, DeliveryFailed) as exc:
-            log.warning("kafka write failed", extra={"error": str(exc)})
-            raise ApiError(
-                503,
-                "kafka_unavailable",
-                "the message could not be stored; nothing was accepted, try again",
-                headers={"Retry-After": str(deps.retry_after_s)},
-            ) from None
-
-    @app.post("/v1/messages", status_code=202, response_model=MessageAccepted)
+    @app.post(
+        "/v1/messages",
+        status_code=202,
+        response_model=MessageAccepted,
+        responses=_POST_ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/MessageRequest"}}
+                },
+            }
+        },
+    )
     async def post_message(
-        body: MessageRequest,
+        request: Request,
+        response: Response,
         authorization: Annotated[str | None, Header()] = None,
-        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+        idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
     ) -> MessageAccepted:
-        tenant = tenant_of(authorization)
-        raw = body.raw_bytes()
-        size = len(raw) if raw is not None else len((body.text or "") + (body.html or ""))
-        if size > deps.max_message_bytes:
-            raise ApiError(413, "too_large", f"message larger than {deps.max_message_bytes} bytes")
-        try:
-            accepted = accept(
-                body, tenant, deps.rules, deps.suppressions.is_suppressed, idempotency_key
+        """Accept one message for up to 1,000 recipients; 202 only once Kafka holds it.
+
+        With `Idempotency-Key`, a repeat of the same body within 24 h answers the first
+        answer again (header `Idempotent-Replayed: true`) and publishes nothing.
+        """
+        tenant = tenant_of(deps.keys, authorization)
+        body = parse_body(MessageRequest, await request.body())
+        if (size := message_size(body)) > deps.max_message_bytes:
+            raise ApiError(
+                413, "too_large", f"message of {size} bytes over {deps.max_message_bytes}"
             )
+        wait_s = deps.limiter.take(tenant, len(body.to))
+        if wait_s > 0:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"tenant {tenant} is over its ingest rate",
+                headers={"Retry-After": RateLimiter.retry_after(wait_s)},
+            )
+        try:
+            published = await deps.publisher.publish(body, tenant, idempotency_key)
         except UnknownPool as exc:
             raise ApiError(400, "invalid_request", str(exc), "pool") from None
-        await write([accepted_output(accepted)])
-        return answer(accepted)
+        except InvalidField as exc:
+            raise ApiError(400, "invalid_request", str(exc), exc.field) from None
+        except KeyConflict:
+            raise ApiError(
+                409,
+                "idempotency_conflict",
+                "this Idempotency-Key was used with a different body",
+                "Idempotency-Key",
+            ) from None
+        except KeyInProgress as exc:
+            raise ApiError(
+                409,
+                "idempotency_in_progress",
+                str(exc),
+                "Idempotency-Key",
+                headers={"Retry-After": RateLimiter.retry_after(exc.retry_after_s)},
+            ) from None
+        except Unavailable as exc:
+            log.warning("kafka write failed", extra={"error": str(exc)})
+            raise unavailable(deps.retry_after_s) from None
+        if published.replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return published.answer
 
-    @app.get("/v1/suppressions/{email}", response_model=SuppressionEntry)
-    async def get_suppression(
-        email: Annotated[str, Path()], authorization: Annotated[str | None, Header()] = None
-    ) -> SuppressionEntry:
-        tenant = tenant_of(authorization)
-        address = _address(email)
-        entry = deps.suppressions.get(tenant, address)
-        if entry is None:
-            raise ApiError(404, "not_found", f"{address} is not suppressed")
-        return _entry(entry)
-
-    @app.put("/v1/suppressions/{email}", response_model=SuppressionEntry)
-    async def put_suppression(
-        email: Annotated[str, Path()],
-        body: SuppressionRequest | None = None,
+    @app.get(
+        "/v1/messages/{message_id}",
+        response_model=MessageStatus,
+        response_model_exclude_none=True,
+        responses=_GET_ERRORS,
+    )
+    async def get_message(
+        message_id: Annotated[str, Path()],
         authorization: Annotated[str | None, Header()] = None,
-    ) -> SuppressionEntry:
-        tenant = tenant_of(authorization)
-        entry = Suppression(
-            tenant=tenant,
-            address=_address(email),
-            reason=SuppressionReason.MANUAL,
-            detail=(body or SuppressionRequest()).reason,
-        )
-        output = suppression_output(entry)
-        await write([output])
-        deps.suppressions.apply(suppression_key(tenant, entry.address), entry)
-        return _entry(entry)
+    ) -> MessageStatus:
+        """Each recipient's current state and its timeline of events."""
+        tenant = tenant_of(deps.keys, authorization)
+        if not _MESSAGE_ID.match(message_id):
+            raise ApiError(404, "not_found", "no such message")
+        if not deps.status.ready:
+            raise ApiError(
+                503,
+                "loading",
+                "the status view is still loading, try again",
+                headers={"Retry-After": str(deps.retry_after_s)},
+            )
+        found = deps.status.get(message_id)
+        if found is None:
+            raise ApiError(404, "not_found", f"no message {message_id}")
+        owner, status = found
+        if owner != tenant:
+            raise ApiError(403, "forbidden", "this message belongs to another tenant")
+        return status
 
-    @app.delete("/v1/suppressions/{email}", status_code=204)
-    async def delete_suppression(
-        email: Annotated[str, Path()], authorization: Annotated[str | None, Header()] = None
-    ) -> Response:
-        tenant = tenant_of(authorization)
-        address = _address(email)
-        if deps.suppressions.get(tenant, address) is None:
-            raise ApiError(404, "not_found", f"{address} is not suppressed")
-        await write([suppression_removal(tenant, address)])
-        deps.suppressions.apply(suppression_key(tenant, address), None)
-        return Response(status_code=204)
-
-    @app.get("/v1/suppressions", response_model=SuppressionPage)
-    async def list_suppressions(
-        cursor: Annotated[str | None, Query(max_length=300)] = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        authorization: Annotated[str | None, Header()] = None,
-    ) -> SuppressionPage:
-        tenant = tenant_of(authorization)
-        entries = deps.suppressions.page(tenant, cursor, limit + 1)
-        more = len(entries) > limit
-        entries = entries[:limit]
-        return SuppressionPage(
-            items=[_entry(e) for e in entries],
-            next_cursor=entries[-1].address if more and entries else None,
-        )
-
+    suppressions = suppression_routes(
+        deps.keys,
+        deps.publisher.suppressions,
+        deps.publisher.producer,
+        deps.publisher.timeout_s,
+        deps.retry_after_s,
+    )
+    for route in suppressions:
+        app.router.routes.append(route)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 
-def _address(email: str) -> str:
-    try:
-        return normalise_address(email)
-    except (ValueError, ValidationError) as exc:
-        raise ApiError(400, "invalid_request", str(exc), "email") from None
-
-
-def _entry(entry: Suppression) -> SuppressionEntry:
-    return SuppressionEntry(
-        email=entry.address,
-        tenant=entry.tenant,
-        reason=entry.reason.value
-        if entry.detail is None
-        else f"{entry.reason.value}: {entry.detail}",
-        created_at=entry.created_at,
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, plus the request body read by hand, minus the 422 never sent."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    document = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
     )
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    request_schema = MessageRequest.model_json_schema(
+        by_alias=True, ref_template="#/components/schemas/{model}"
+    )
+    schemas.update(request_schema.pop("$defs", {}))
+    schemas["MessageRequest"] = request_schema
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    app.openapi_schema = document
+    return document
 
 
 def with_limits(app: FastAPI, max_message_bytes: int) -> BodySizeLimit:

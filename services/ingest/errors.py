@@ -23,6 +23,16 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def unavailable(retry_after_s: int, what: str = "the message could not be stored") -> ApiError:
+    """503: Kafka did not acknowledge in time."""
+    return ApiError(
+        503,
+        "kafka_unavailable",
+        f"{what}; nothing was accepted, try again",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
 def error_response(
     status: int,
     code: str,
