@@ -101,7 +101,7 @@ class Ingest:
             if self.popen.poll() is not None:
                 raise RuntimeError(f"ingest exited with {self.popen.returncode}")
             try:
-                with urllib.request.urlopen(f"http://{self.addr}/readyz", timeout=1) as answer:  # noqa: S310
+                with urllib.request.urlopen(f"http://{self.addr}/readyz", timeout=1) as answer:
                     if answer.status == 200:
                         return
             except OSError:
