@@ -64,6 +64,11 @@ schemas: $(STAMP) ## Regenerate the JSON Schema files under schemas/jsonschema/
 k8s-render: $(STAMP) ## Render every kustomize overlay and component combination and validate it
 	deploy/k8s/render.sh
 
+.PHONY: doctor
+doctor: $(STAMP) ## Check DOMAIN's SPF, DKIM, DMARC, bounce MX and PTR (DOCTOR_ARGS="--dns h:p ...")
+	@test -n "$(DOMAIN)" || { echo "usage: make doctor DOMAIN=example.com [DOCTOR_ARGS='--pool-ip IP ...']"; exit 2; }
+	$(PY) -m services.doctor $(DOMAIN) $(DOCTOR_ARGS)
+
 .PHONY: bench
 bench: kafka-up ## Run the benchmarks (results under bench/results/)
 	$(PY) -m bench

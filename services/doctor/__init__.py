@@ -1,0 +1,1 @@
+"""`python -m services.doctor DOMAIN`: is a sending domain ready for bulk mail through Mailrail?"""
