@@ -24,6 +24,7 @@ from services.runtime.service import consumer_loop, run_service, run_until_stopp
 from services.runtime.suppression import SuppressionView
 
 HEARTBEAT_S = 1.0
+LINGER_MS = 1
 
 
 async def heartbeat(health: Health, stop: asyncio.Event) -> None:
@@ -56,7 +57,12 @@ async def main(settings: IngestSettings, stop: asyncio.Event) -> None:
     health = Health()
     suppressions = SuppressionView(settings.kafka_common())
     producer = AsyncProducer(
-        settings.producer_config() | {"delivery.timeout.ms": int(settings.produce_timeout_s * 1000)}
+        settings.producer_config()
+        | {
+            "delivery.timeout.ms": int(settings.produce_timeout_s * 1000),
+            # Every request waits for its acknowledgement: batch for 1 ms, not the default 5.
+            "linger.ms": LINGER_MS,
+        }
     )
     idempotency = IdempotencyGuard(
         settings.kafka_common(),

@@ -39,7 +39,8 @@ def parse_rates(text: str) -> dict[str, float]:
 class RateLimiter:
     """`take(tenant, n)` admits n recipients or says how many seconds until it could.
 
-    A bucket holds at least one largest request, so any valid request can eventually pass.
+    A request larger than the bucket passes when the bucket is full and leaves it in debt,
+    so any valid request can pass after a pause and the average rate still holds.
     """
 
     def __init__(
@@ -48,19 +49,18 @@ class RateLimiter:
         burst: int,
         overrides: dict[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        min_capacity: int = 1000,
     ) -> None:
         self._rate = rate_per_s
         self._burst = burst
         self._overrides = overrides or {}
         self._clock = clock
-        self._min_capacity = min_capacity
         self._buckets: dict[str, _Bucket] = {}
 
     def _limits(self, tenant: str) -> tuple[float, float]:
+        """(rate, capacity): an overridden rate scales the burst with it."""
         rate = self._overrides.get(tenant, self._rate)
         scale = rate / self._rate if self._rate > 0 else 1.0
-        return rate, max(float(self._min_capacity), self._burst * scale)
+        return rate, max(1.0, self._burst * scale)
 
     def take(self, tenant: str, n: int) -> float:
         """0.0 if admitted (tokens taken); else the seconds to wait before retrying."""
@@ -71,10 +71,11 @@ class RateLimiter:
             bucket = self._buckets[tenant] = _Bucket(capacity, now)
         bucket.tokens = min(capacity, bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
-        if bucket.tokens >= n:
+        needed = min(float(n), capacity)
+        if bucket.tokens >= needed:
             bucket.tokens -= n
             return 0.0
-        return (n - bucket.tokens) / rate
+        return (needed - bucket.tokens) / rate
 
     @staticmethod
     def retry_after(wait_s: float) -> str:

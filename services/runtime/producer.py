@@ -74,10 +74,44 @@ class AsyncProducer:
     async def send_all(
         self, records: Sequence[tuple[str, bytes | None, bytes | str | None, Headers | None]]
     ) -> None:
-        """Send records and wait until every one is acknowledged; raises the first failure."""
-        futures = [self.send(topic, value, key, headers) for topic, value, key, headers in records]
-        if futures:
-            await asyncio.gather(*futures)
+        """Send records and wait until every one is acknowledged; raises the first failure.
+
+        One future for the whole batch: delivery reports are counted on the poll thread and
+        the event loop is woken once, not once per record.
+        """
+        if not records:
+            return
+        future: asyncio.Future[None] = self._loop.create_future()
+        pending = [len(records)]
+        failure: list[KafkaError] = []
+        lock = threading.Lock()
+
+        def on_delivery(error: KafkaError | None, _message: Message) -> None:
+            with lock:
+                if error is not None and not failure:
+                    failure.append(error)
+                pending[0] -= 1
+                done = pending[0] == 0
+            if done:
+                self._loop.call_soon_threadsafe(_settle_batch, future, failure)
+
+        for topic, value, key, headers in records:
+            while True:
+                try:
+                    self._producer.produce(
+                        topic,
+                        value=value,
+                        key=key,
+                        headers=list(headers or ()),
+                        on_delivery=on_delivery,
+                    )
+                    break
+                except BufferError:
+                    self._producer.poll(POLL_INTERVAL_S)
+                except KafkaException as exc:
+                    on_delivery(exc.args[0], None)  # type: ignore[arg-type]
+                    break
+        await future
 
     def flush(self, timeout_s: float) -> int:
         return int(self._producer.flush(timeout_s))
@@ -97,3 +131,12 @@ def _settle(future: "asyncio.Future[Message]", error: KafkaError | None, message
         future.set_exception(DeliveryFailed(error))
     else:
         future.set_result(message)
+
+
+def _settle_batch(future: "asyncio.Future[None]", failure: list[KafkaError]) -> None:
+    if future.done():
+        return
+    if failure:
+        future.set_exception(DeliveryFailed(failure[0]))
+    else:
+        future.set_result(None)

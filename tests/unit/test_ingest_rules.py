@@ -55,14 +55,23 @@ def test_missing_or_unknown_key_is_401(header: str | None) -> None:
 
 def test_bucket_admits_a_burst_then_says_when_to_retry() -> None:
     now = [0.0]
-    limiter = RateLimiter(100.0, 1000, {"slow": 10.0}, clock=lambda: now[0], min_capacity=10)
+    limiter = RateLimiter(100.0, 1000, {"slow": 10.0}, clock=lambda: now[0])
     assert limiter.take("acme", 1000) == 0.0
     assert limiter.take("acme", 50) == pytest.approx(0.5)
     now[0] = 0.5
     assert limiter.take("acme", 50) == 0.0
-    assert limiter.take("slow", 100) == 0.0  # capacity scales with the rate: 100
+    assert limiter.take("slow", 100) == 0.0  # the burst scales with the rate: 100
     assert limiter.take("slow", 20) == pytest.approx(2.0)
     assert RateLimiter.retry_after(0.01) == "1" and RateLimiter.retry_after(2.2) == "3"
+
+
+def test_a_request_larger_than_the_bucket_passes_when_full_and_leaves_debt() -> None:
+    now = [0.0]
+    limiter = RateLimiter(10.0, 5, clock=lambda: now[0])
+    assert limiter.take("acme", 1000) == 0.0
+    assert limiter.take("acme", 1) == pytest.approx(99.6)  # 995 in debt, then 1 token
+    now[0] = 100.0
+    assert limiter.take("acme", 1) == 0.0
 
 
 def test_tenant_rates_parse_or_fail_clearly() -> None:
