@@ -1,5 +1,6 @@
 """The topic catalogue: every topic described once. Topic creation, docs and tests read it."""
 
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -55,34 +56,40 @@ class TopicSpec:
         return config | self.config
 
 
-SUBMIT = "mail.submit"
-ACCEPTED = "mail.accepted"
-EVENTS = "mail.events"
-SUPPRESSION = "mail.suppression"
-CONTROL = "mail.control"
-REJECTED = "mail.rejected"
-IDEMPOTENCY = "mail.idempotency"
+#: Prepended to every topic name and consumer group (default none). Lets environments share
+#: one Kafka cluster, and lets a test run keep to its own topics beside a developer's stack.
+TOPIC_PREFIX = os.environ.get("MAILRAIL_TOPIC_PREFIX", "")
+
+OUTBOUND_TEMPLATE = "mail.outbound.<pool>"
+SUBMIT = TOPIC_PREFIX + "mail.submit"
+ACCEPTED = TOPIC_PREFIX + "mail.accepted"
+EVENTS = TOPIC_PREFIX + "mail.events"
+SUPPRESSION = TOPIC_PREFIX + "mail.suppression"
+CONTROL = TOPIC_PREFIX + "mail.control"
+REJECTED = TOPIC_PREFIX + "mail.rejected"
+IDEMPOTENCY = TOPIC_PREFIX + "mail.idempotency"
 #: How long an Idempotency-Key is remembered (the contract), and how long Kafka keeps its record.
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 _IDEMPOTENCY_RETENTION_MS = 26 * 3600 * 1000
-OUTBOUND_TEMPLATE = "mail.outbound.<pool>"
 
 
-def outbound_topic(pool: str) -> str:
-    return f"mail.outbound.{pool}"
+def outbound_topic(pool: str, prefix: str = TOPIC_PREFIX) -> str:
+    return f"{prefix}mail.outbound.{pool}"
 
 
-def retry_topic(tier: str) -> str:
-    return f"mail.retry.{tier}"
+def retry_topic(tier: str, prefix: str = TOPIC_PREFIX) -> str:
+    return f"{prefix}mail.retry.{tier}"
 
 
 TOPICS: tuple[TopicSpec, ...] = (
-    TopicSpec(SUBMIT, "idempotency key or anything", Submission, 8, ("upstream",), ("ingest",)),
-    TopicSpec(ACCEPTED, "message id", AcceptedMessage, 8, ("ingest",), ("router",)),
+    TopicSpec(
+        "mail.submit", "idempotency key or anything", Submission, 8, ("upstream",), ("ingest",)
+    ),
+    TopicSpec("mail.accepted", "message id", AcceptedMessage, 8, ("ingest",), ("router",)),
     TopicSpec(OUTBOUND_TEMPLATE, "throttle key", DeliveryBatch, 16, ("router",), ("sender",)),
     *(
         TopicSpec(
-            retry_topic(tier),
+            retry_topic(tier, ""),
             "throttle key",
             DeliveryBatch,
             8,
@@ -93,7 +100,7 @@ TOPICS: tuple[TopicSpec, ...] = (
         for tier in RETRY_TIERS
     ),
     TopicSpec(
-        EVENTS,
+        "mail.events",
         "message id",
         DeliveryEvent,
         8,
@@ -102,7 +109,7 @@ TOPICS: tuple[TopicSpec, ...] = (
         retention_ms=30 * _DAY_MS,
     ),
     TopicSpec(
-        SUPPRESSION,
+        "mail.suppression",
         "tenant/address",
         Suppression,
         8,
@@ -111,10 +118,16 @@ TOPICS: tuple[TopicSpec, ...] = (
         compacted=True,
     ),
     TopicSpec(
-        CONTROL, "scope", ControlCommand, 1, ("operators",), ("sender", "router"), compacted=True
+        "mail.control",
+        "scope",
+        ControlCommand,
+        1,
+        ("operators",),
+        ("sender", "router"),
+        compacted=True,
     ),
     TopicSpec(
-        IDEMPOTENCY,
+        "mail.idempotency",
         "tenant/idempotency key",
         IdempotencyRecord,
         8,
@@ -131,7 +144,7 @@ TOPICS: tuple[TopicSpec, ...] = (
         },
     ),
     TopicSpec(
-        REJECTED,
+        "mail.rejected",
         "as received",
         None,
         4,
@@ -142,12 +155,12 @@ TOPICS: tuple[TopicSpec, ...] = (
 )
 
 
-def concrete_topics(pools: list[str]) -> list[tuple[str, TopicSpec]]:
+def concrete_topics(pools: list[str], prefix: str = TOPIC_PREFIX) -> list[tuple[str, TopicSpec]]:
     """Every topic to create: the outbound template expanded once per pool."""
     result: list[tuple[str, TopicSpec]] = []
     for spec in TOPICS:
         if spec.name == OUTBOUND_TEMPLATE:
-            result.extend((outbound_topic(pool), spec) for pool in pools)
+            result.extend((outbound_topic(pool, prefix), spec) for pool in pools)
         else:
-            result.append((spec.name, spec))
+            result.append((prefix + spec.name, spec))
     return result

@@ -177,7 +177,9 @@ def load_rules(path: Path | None) -> Rules:
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"]) or "(top)"
             line = _line_of(node, error["loc"])
-            problems.append(f"line {line}: {where}: {error['msg']}" if line else f"{where}: {error['msg']}")
+            problems.append(
+                f"line {line}: {where}: {error['msg']}" if line else f"{where}: {error['msg']}"
+            )
         raise RulesError(f"{path}: " + "; ".join(problems)) from None
 
 
@@ -190,7 +192,9 @@ def _line_of(node: Any, loc: tuple[int | str, ...]) -> int | None:
         child = None
         if isinstance(node, yaml.MappingNode):
             child = next((v for k, v in node.value if k.value == part), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
             child = node.value[part]
         if child is None:
             break

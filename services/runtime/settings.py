@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import SecretStr
+
+from schemas.catalogue import TOPIC_PREFIX
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PRODUCER_QUEUE_KBYTES = 65536
@@ -73,7 +75,7 @@ class ServiceSettings(BaseSettings):
     def consumer_config(self, group_id: str) -> dict[str, Any]:
         """Auto-commit and auto-store off: offsets move only when the loop says so."""
         return self.kafka_common() | {
-            "group.id": group_id,
+            "group.id": TOPIC_PREFIX + group_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",

@@ -6,12 +6,13 @@ Usage: python -m services.runtime.topics [--rules deploy/local/rules.yaml]
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from schemas.catalogue import concrete_topics
+from schemas.catalogue import TOPIC_PREFIX, concrete_topics
 from schemas.rules import load_rules
 from services.runtime.settings import ServiceSettings
 
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 CREATE_TIMEOUT_S = 30.0
 
 
-def ensure_topics(admin: AdminClient, pools: list[str], replication_factor: int = 1) -> list[str]:
+def ensure_topics(
+    admin: AdminClient, pools: list[str], replication_factor: int = 1, prefix: str = TOPIC_PREFIX
+) -> list[str]:
     """Create the missing topics; returns the names created."""
     existing = set(admin.list_topics(timeout=CREATE_TIMEOUT_S).topics)
     wanted = [
@@ -29,7 +32,7 @@ def ensure_topics(admin: AdminClient, pools: list[str], replication_factor: int 
             replication_factor=replication_factor,
             config=spec.kafka_config(),
         )
-        for name, spec in concrete_topics(pools)
+        for name, spec in concrete_topics(pools, prefix)
         if name not in existing
     ]
     if not wanted:
@@ -42,7 +45,24 @@ def ensure_topics(admin: AdminClient, pools: list[str], replication_factor: int 
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
+    _wait_for_leaders(admin, created)
     return created
+
+
+def _wait_for_leaders(admin: AdminClient, names: list[str]) -> None:
+    """A new topic answers requests only once each partition has a leader: wait for that."""
+    deadline = time.monotonic() + CREATE_TIMEOUT_S
+    while names and time.monotonic() < deadline:
+        topics = admin.list_topics(timeout=CREATE_TIMEOUT_S).topics
+        if all(
+            name in topics
+            and topics[name].error is None
+            and topics[name].partitions
+            and all(p.leader >= 0 for p in topics[name].partitions.values())
+            for name in names
+        ):
+            return
+        time.sleep(0.1)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from confluent_kafka import Message
 
-from schemas.catalogue import outbound_topic
+from schemas.catalogue import CONTROL, outbound_topic
 from schemas.records import DeliveryBatch
 from schemas.rules import load_rules
 from services.runtime.codec import decode
@@ -19,8 +19,11 @@ from services.runtime.producer import AsyncProducer
 from services.runtime.service import consumer_loop, run_service, run_until_stopped
 from services.runtime.settings import split_host_port
 from services.sender import metrics
+from services.sender.blocklist import BlocklistWatch, WatchConfig, resolver_for
 from services.sender.controls import ControlView
 from services.sender.deliver import Deliverer, DeliveryPolicy
+from services.sender.dkim import DkimSigner
+from services.sender.dkim_keys import DkimKeyError, load_keyring
 from services.sender.settings import SenderSettings
 from services.sender.smtp import SmtpOptions, SmtpPool
 
@@ -50,8 +53,50 @@ def build_deliverer(settings: SenderSettings, controls: ControlView) -> tuple[De
         max_age=timedelta(seconds=settings.max_age_s),
         smtp_port=settings.smtp_port,
         smart_host=smart_host,
+        max_quota_wait_s=settings.max_quota_wait_s,
+        max_batches_per_destination=settings.max_batches_per_destination,
+        busy_hold_s=settings.busy_hold_s,
+        pause_recheck_s=settings.pause_recheck_s,
     )
-    return Deliverer(pool, rules, policy, smtp, resolver, controls.controls), smtp
+    signer = build_signer(settings)
+    return Deliverer(pool, rules, policy, smtp, resolver, controls.controls, signer=signer), smtp
+
+
+def build_signer(settings: SenderSettings) -> DkimSigner | None:
+    """The DKIM signer with every key read now; a bad key folder stops the start."""
+    if settings.dkim_keys is None:
+        if settings.dkim_required_tenants:
+            raise SystemExit("MAILRAIL_DKIM_REQUIRED_TENANTS is set but MAILRAIL_DKIM_KEYS is not")
+        return None
+    try:
+        keyring = load_keyring(settings.dkim_keys)
+    except DkimKeyError as exc:
+        raise SystemExit(f"MAILRAIL_DKIM_KEYS: {exc}") from None
+    return DkimSigner(keyring, frozenset(settings.dkim_required_tenants))
+
+
+def build_watch(settings: SenderSettings, producer: AsyncProducer) -> BlocklistWatch | None:
+    """The DNSBL watch of this pool's source addresses, if zones are configured."""
+    if not settings.dnsbl_zones:
+        return None
+    addresses = load_rules(settings.rules).pool(settings.pool).source_addresses
+    if not addresses:
+        raise SystemExit(f"MAILRAIL_DNSBL_ZONES: pool {settings.pool} has no source_addresses")
+
+    async def publish(key: str, value: bytes | None) -> None:
+        await producer.send(CONTROL, value, key)
+
+    config = WatchConfig(
+        pool=settings.pool,
+        addresses=addresses,
+        zones=settings.dnsbl_zones,
+        interval_s=settings.dnsbl_interval_s,
+        pause=settings.dnsbl_pause,
+        destinations=settings.dnsbl_destinations,
+        pause_s=settings.dnsbl_pause_s,
+    )
+    nameserver = split_host_port(settings.dns, 53) if settings.dns else None
+    return BlocklistWatch(config, publish, resolver_for(nameserver))
 
 
 async def publish_metrics(
@@ -79,6 +124,7 @@ async def main(settings: SenderSettings, stop: asyncio.Event) -> None:
     deliverer, smtp = build_deliverer(settings, controls)
     await asyncio.to_thread(controls.wait_ready, 30.0)
     producer = AsyncProducer(settings.producer_config())
+    watch = build_watch(settings, producer)
 
     async def on_batch(message: Message) -> Sequence[Output]:
         return await deliverer.deliver(decode(DeliveryBatch, message))
@@ -98,6 +144,7 @@ async def main(settings: SenderSettings, stop: asyncio.Event) -> None:
             serve_http(admin_app(health), settings.admin_addr, stop),
             loop.run(stop),
             publish_metrics(deliverer, smtp, settings.pool, stop),
+            *([watch.run(stop)] if watch else []),
         )
     finally:
         await smtp.close()

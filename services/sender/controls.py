@@ -52,9 +52,15 @@ class Controls:
     def __init__(self) -> None:
         self._commands: dict[str, tuple[dict[str, str], ControlCommand]] = {}
         self._lock = threading.Lock()
+        self._updates: dict[str, int] = {}
+
+    def updates(self, scope: str) -> int:
+        """How many records for this scope have been read (to tell when one echoes back)."""
+        return self._updates.get(scope, 0)
 
     def apply(self, scope: str, command: ControlCommand | None) -> None:
         with self._lock:
+            self._updates[scope] = self._updates.get(scope, 0) + 1
             commands = dict(self._commands)
             if command is None:
                 commands.pop(scope, None)

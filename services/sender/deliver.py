@@ -35,6 +35,7 @@ from services.runtime.loop import Output
 from services.sender import metrics
 from services.sender.compose import compose
 from services.sender.controls import Controls, scope_for
+from services.sender.dkim import DkimSigner
 from services.sender.retry import expired, next_delay, tier_for
 from services.sender.shaping import Clock, Destination, Destinations, ReplyPatterns, Signal
 from services.sender.smtp import ConnectFailed, SmtpPool, SmtpSession
@@ -58,7 +59,7 @@ class DeliveryPolicy:
     #: How long a batch for a destination with too many batches in progress is held.
     busy_hold_s: float = 5.0
     #: The longest single hold for a paused destination; it is then checked again.
-    max_pause_hold_s: float = 300.0
+    pause_recheck_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Outcome:
     reply: SmtpReply
     mx: str | None
     possible_duplicate: bool = False
+    dkim: str | None = None
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Deliverer:
         resolver: MxResolver | None,
         controls: Controls,
         clock: Clock = time.monotonic,
+        signer: DkimSigner | None = None,
     ) -> None:
         self._pool = pool
         self._rules = rules
@@ -95,18 +98,27 @@ class Deliverer:
         self._resolver = resolver
         self._controls = controls
         self._clock = clock
+        self._signer = signer
         self._patterns = ReplyPatterns(rules.backoff)
         self.destinations = Destinations(rules.shaping, rules.backoff, clock)
-        #: Pauses this sender decided itself (a blocking reply), until mail.control echoes them.
-        self._own_pauses: dict[str, datetime] = {}
+        #: Pauses this sender decided itself (a blocking reply) → (until, the control scope's
+        #: update count then). Once mail.control has a newer record for the scope — the echo,
+        #: or an operator's resume — the control view alone decides.
+        self._own_pauses: dict[str, tuple[datetime, int]] = {}
 
     async def deliver(self, batch: DeliveryBatch) -> list[Output]:
+        refusal = self._signer.refusal(batch) if self._signer else None
+        if refusal is not None:
+            held = "unsigned: held, the tenant requires DKIM"
+            return self._records(
+                batch, [Outcome(r, refusal, None, dkim=held) for r in batch.recipients]
+            )
         destination = self.destinations.get(batch.throttle_key)
         destination.set_override(self._controls.quota(batch))
         now = utc_now()
         paused_until = self._paused_until(batch, now)
         if paused_until is not None:
-            hold_until = min(paused_until, now + timedelta(seconds=self._policy.max_pause_hold_s))
+            hold_until = min(paused_until, now + timedelta(seconds=self._policy.pause_recheck_s))
             return self._hold(batch, batch.recipients, hold_until, "paused", now)
         if destination.waiting >= self._policy.max_batches_per_destination:
             return self._hold(
@@ -128,15 +140,22 @@ class Deliverer:
         if attempt.blocked_by is not None:
             outputs.append(self._pause(batch, attempt.blocked_by))
         if attempt.untried:
-            until = self._paused_until(batch, utc_now()) or utc_now()
-            outputs += self._hold(batch, attempt.untried, until, "paused", utc_now())
+            now = utc_now()
+            until = min(
+                self._paused_until(batch, now) or now,
+                now + timedelta(seconds=self._policy.pause_recheck_s),
+            )
+            outputs += self._hold(batch, attempt.untried, until, "paused", now)
         return outputs
 
     def _paused_until(self, batch: DeliveryBatch, now: datetime) -> datetime | None:
-        own = self._own_pauses.get(batch.throttle_key)
-        if own is not None and own <= now:
-            del self._own_pauses[batch.throttle_key]
-            own = None
+        own = None
+        if (entry := self._own_pauses.get(batch.throttle_key)) is not None:
+            until, seen = entry
+            if until <= now or self._controls.updates(scope_for(batch)) > seen:
+                del self._own_pauses[batch.throttle_key]
+            else:
+                own = until
         ordered = [t for t in (self._controls.paused_until(batch, now), own) if t is not None]
         return max(ordered) if ordered else None
 
@@ -226,6 +245,8 @@ class Deliverer:
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
             data = compose(batch, recipient)
+            signed = self._signer.sign(data, batch.tenant) if self._signer else None
+            data = signed.data if signed else data
             return_path = encode_return_path(
                 batch.message_id,
                 recipient.index,
@@ -240,7 +261,13 @@ class Deliverer:
             signal = self._patterns.signal(result.reply)
             await destination.on_signal(signal)
             attempt.outcomes.append(
-                Outcome(recipient, result.reply, session.host, result.possible_duplicate)
+                Outcome(
+                    recipient,
+                    result.reply,
+                    session.host,
+                    result.possible_duplicate,
+                    signed.summary if signed else None,
+                )
             )
             if signal is Signal.BLOCK:
                 attempt.blocked_by = result.reply
@@ -250,7 +277,7 @@ class Deliverer:
 
     def _pause(self, batch: DeliveryBatch, reply: SmtpReply) -> Output:
         until = utc_now() + timedelta(seconds=self._rules.backoff.block_pause_s)
-        self._own_pauses[batch.throttle_key] = until
+        self._own_pauses[batch.throttle_key] = (until, self._controls.updates(scope_for(batch)))
         log.warning(
             "destination blocked us: pausing it for this pool",
             extra={
@@ -314,7 +341,16 @@ class Deliverer:
             )
             outputs.append(
                 self._event(
-                    batch, outcome.recipient, kind, reply, outcome.mx, now, category, hard, detail
+                    batch,
+                    outcome.recipient,
+                    kind,
+                    reply,
+                    outcome.mx,
+                    now,
+                    category,
+                    hard,
+                    detail,
+                    outcome.dkim,
                 )
             )
         if deferred:
@@ -340,6 +376,7 @@ class Deliverer:
         category: Category | None,
         hard: bool | None,
         detail: str | None = None,
+        dkim: str | None = None,
     ) -> Output:
         return event_output(
             DeliveryEvent(
@@ -355,6 +392,7 @@ class Deliverer:
                 category=category,
                 hard=hard,
                 detail=detail,
+                dkim=dkim,
                 tags=batch.tags,
             )
         )

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from pydantic import Field, SecretStr
 
 from services.runtime.settings import ServiceSettings
@@ -16,6 +18,26 @@ class SenderSettings(ServiceSettings):
     verp_key: SecretStr = SecretStr("mailrail-local-verp-key")
     #: Records (batches) being delivered at once; past this the partitions pause.
     max_in_flight: int = 200
+    #: A batch whose first rate slot is further away than this waits in a delay topic.
+    max_quota_wait_s: float = 2.0
+    #: Batches one destination may have in progress before more are held for `busy_hold_s`.
+    max_batches_per_destination: int = 50
+    busy_hold_s: float = 5.0
+    #: How often mail held for a paused destination is checked again (resume takes effect).
+    pause_recheck_s: float = 30.0
+    #: DKIM key folder (`<domain>/<selector>.rsa.pem`, see `dkim_keys`); unset: no signing.
+    dkim_keys: Path | None = None
+    #: Tenants whose mail is held (deferred) rather than sent without an aligned signature.
+    dkim_required_tenants: list[str] = []
+    #: DNSBL zones the pool's source addresses are looked up in; empty: no blocklist watch.
+    dnsbl_zones: list[str] = []
+    dnsbl_interval_s: float = Field(default=300.0, gt=0)
+    #: Pause the pool (on `mail.control`) while one of its addresses is listed.
+    dnsbl_pause: bool = False
+    #: Zone → the destinations (throttle keys) that consult it; other zones pause every one.
+    dnsbl_destinations: dict[str, list[str]] = {}
+    #: Lifetime of a pause record; renewed while the listing lasts, so a stale one runs out.
+    dnsbl_pause_s: float = Field(default=3600.0, gt=0)
 
     def service_name(self) -> str:
         return f"sender-{self.pool}"

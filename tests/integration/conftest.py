@@ -17,16 +17,25 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from deploy.local.stack import ServiceProcess, isolated_env
+from schemas.catalogue import concrete_topics
 from schemas.rules import load_rules
 from services.runtime.topics import ensure_topics
+from tests.support.dkim_keys import dkim_records, write_key_folder
 from tests.support.dns_server import RunningDnsServer, start_dns_server
 from tests.support.kafka import BOOTSTRAP, EventLog, TopicTail, broker_available
 from tests.support.smtp_server import RunningSmtpServer, start_smtp_server
 
 RULES = Path(__file__).parent / "rules.yaml"
+#: This session's own topics and consumer groups: a developer's `make run`, or another test
+#: run on the same broker, never takes this session's records (or it theirs).
+TOPIC_PREFIX = f"test-{uuid.uuid4().hex[:8]}."
 API_KEY = "test-key-acme"
 OTHER_KEY = "test-key-globex"
 MX_HOST_ADDRESS = "127.0.0.7"
+#: The `default` sender signs mail from signed.example (RSA and Ed25519), and every message
+#: as the platform (mailrail.test); the stack's DNS server publishes the public keys.
+DKIM_KEYS = {"signed.example": ["s1.rsa", "s2.ed25519"], "mailrail.test": ["p1.rsa"]}
+DKIM_CONFIG = {"platform_domains": ["mailrail.test"]}
 RETRY_SCHEDULE_S = "[1, 1, 1]"
 MAX_AGE_S = "12"
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -36,6 +45,11 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def topic(name: str) -> str:
+    """The session's name of a catalogue topic, e.g. `topic("mail.submit")`."""
+    return TOPIC_PREFIX + name
 
 
 def unique(local: str = "rcpt", domain: str = "example.com") -> str:
@@ -66,20 +80,24 @@ def kafka() -> Iterator[AdminClient]:
     if not broker_available():
         pytest.fail(f"no Kafka broker on {BOOTSTRAP}: run `make kafka-up` (make test does)")
     admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
-    ensure_topics(admin, load_rules(RULES).pool_names())
+    pools = load_rules(RULES).pool_names()
+    ensure_topics(admin, pools, prefix=TOPIC_PREFIX)
     yield admin
+    names = [name for name, _ in concrete_topics(pools, TOPIC_PREFIX)]
+    for future in admin.delete_topics(names, operation_timeout=30).values():
+        future.result()
 
 
 @pytest.fixture(scope="session")
 def events(kafka: AdminClient) -> Iterator[EventLog]:
-    log = EventLog()
+    log = EventLog(topic("mail.events"))
     yield log
     log.stop()
 
 
 @pytest.fixture(scope="session")
 def rejected(kafka: AdminClient) -> Iterator[TopicTail]:
-    tail = TopicTail("mail.rejected")
+    tail = TopicTail(topic("mail.rejected"))
     yield tail
     tail.stop()
 
@@ -98,13 +116,18 @@ def stack(
             "no-such-domain.example": "NXDOMAIN",
         }
     )
+    dkim_keys = write_key_folder(tmp_path_factory.mktemp("dkim"), DKIM_KEYS, DKIM_CONFIG)
+    dns.update(dkim_records(dkim_keys))
     common = {
         "MAILRAIL_KAFKA_BOOTSTRAP": BOOTSTRAP,
+        "MAILRAIL_TOPIC_PREFIX": TOPIC_PREFIX,
         "MAILRAIL_RULES": str(RULES),
         "MAILRAIL_RETRY_SCHEDULE_S": RETRY_SCHEDULE_S,
         "MAILRAIL_MAX_AGE_S": MAX_AGE_S,
         "MAILRAIL_COMMIT_INTERVAL_S": "0.5",
         "MAILRAIL_DRAIN_TIMEOUT_S": "20",
+        "MAILRAIL_PAUSE_RECHECK_S": "2",
+        "MAILRAIL_BUSY_HOLD_S": "2",
     }
     http_addr = f"127.0.0.1:{free_port()}"
 
@@ -123,7 +146,11 @@ def stack(
         ),
         "router": service("router", "services.router"),
         "sender": service(
-            "sender", "services.sender", MAILRAIL_POOL="default", MAILRAIL_SMART_HOST=sink.address
+            "sender",
+            "services.sender",
+            MAILRAIL_POOL="default",
+            MAILRAIL_SMART_HOST=sink.address,
+            MAILRAIL_DKIM_KEYS=str(dkim_keys),
         ),
         "sender-mx": service(
             "sender-mx",

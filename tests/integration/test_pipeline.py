@@ -12,7 +12,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from tests.integration.conftest import OTHER_KEY, Stack, unique
+from tests.integration.conftest import OTHER_KEY, Stack, topic, unique
 from tests.support.kafka import BOOTSTRAP, EventLog, TopicTail
 
 
@@ -75,7 +75,7 @@ def test_kafka_submission_arrives(stack: Stack, events: EventLog) -> None:
         "to": [carol],
         "raw": base64.b64encode(raw).decode(),
     }
-    producer.produce("mail.submit", json.dumps(submission).encode(), key=b"upstream-1")
+    producer.produce(topic("mail.submit"), json.dumps(submission).encode(), key=b"upstream-1")
     assert producer.flush(10) == 0
     received = stack.sink.wait_for(lambda ms: any(carol in m.rcpt_tos for m in ms), timeout_s=30)
     message = next(m for m in received if carol in m.rcpt_tos)
@@ -169,15 +169,17 @@ def test_other_tenant_cannot_see_suppressions(stack: Stack) -> None:
 def test_invalid_submission_lands_in_rejected(stack: Stack, rejected: TopicTail) -> None:
     marker = unique("reject").encode()
     producer = Producer({"bootstrap.servers": BOOTSTRAP})
-    producer.produce("mail.submit", b'{"tenant": "acme", "from": "bad", "to": []}', key=marker)
-    producer.produce("mail.submit", b"not json at all", key=marker + b"-2")
+    producer.produce(
+        topic("mail.submit"), b'{"tenant": "acme", "from": "bad", "to": []}', key=marker
+    )
+    producer.produce(topic("mail.submit"), b"not json at all", key=marker + b"-2")
     assert producer.flush(10) == 0
     records = rejected.wait_for(
         lambda rs: {marker, marker + b"-2"} <= {r.key() for r in rs}, timeout_s=30
     )
     by_key: dict[Any, dict[str, Any]] = {r.key(): dict(r.headers() or []) for r in records}
     assert by_key[marker]["mailrail-error-code"] == b"schema"
-    assert by_key[marker]["mailrail-source-topic"] == b"mail.submit"
+    assert by_key[marker]["mailrail-source-topic"] == topic("mail.submit").encode()
     assert by_key[marker + b"-2"]["mailrail-reason"].startswith(b"not a valid Submission")
 
 

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from schemas.records import DeliveryEvent
@@ -39,9 +39,7 @@ class TopicTail:
         partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
         assignment = []
         for partition in partitions:
-            _, high = self._consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=10
-            )
+            high = self._end_offset(TopicPartition(topic, partition))
             assignment.append(TopicPartition(topic, partition, high))
         self._consumer.assign(assignment)
         self._records: list[Message] = []
@@ -49,6 +47,18 @@ class TopicTail:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    def _end_offset(self, partition: TopicPartition) -> int:
+        """The partition's end; a topic created a moment ago may need a few tries."""
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                _, high = self._consumer.get_watermark_offsets(partition, timeout=10)
+                return int(high)
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -83,8 +93,8 @@ class TopicTail:
 class EventLog(TopicTail):
     """`mail.events` as parsed `DeliveryEvent`s."""
 
-    def __init__(self, bootstrap: str = BOOTSTRAP) -> None:
-        super().__init__("mail.events", bootstrap)
+    def __init__(self, topic: str, bootstrap: str = BOOTSTRAP) -> None:
+        super().__init__(topic, bootstrap)
 
     def events(
         self, recipient: str | None = None, message_id: str | None = None

@@ -512,9 +512,13 @@ class RunningSmtpServer:
     def script(self) -> SmtpScript:
         return self._state.script
 
-    def set_script(self, script: SmtpScript) -> None:
-        """Answer by ``script`` from now on; connections already open keep their script."""
+    def set_script(self, script: SmtpScript, *, open_connections: bool = False) -> None:
+        """Answer by ``script`` from now on; connections already open keep their script
+        unless ``open_connections`` (for clients that reuse connections)."""
         self._state.script = script
+        if open_connections:
+            for connection in list(self._connections):
+                connection.script = script
 
     @property
     def messages(self) -> list[ReceivedMessage]:

@@ -61,7 +61,9 @@ def test_recheck_drops_recipients_suppressed_since() -> None:
 def test_provider_groups_share_a_throttle_key_and_its_shaping() -> None:
     rules = Rules(
         providers={
-            "google": Provider(domains=["gmail.com"], mx_suffixes=["google.com"], max_recipients_per_batch=1)
+            "google": Provider(
+                domains=["gmail.com"], mx_suffixes=["google.com"], max_recipients_per_batch=1
+            )
         }
     )
     assert rules.throttle_key("GMAIL.com") == "google"
