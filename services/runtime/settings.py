@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.catalogue import TOPIC_PREFIX
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PRODUCER_QUEUE_KBYTES = 65536
 CONSUMER_QUEUE_KBYTES = 32768
