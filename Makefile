@@ -73,6 +73,14 @@ doctor: $(STAMP) ## Check DOMAIN's SPF, DKIM, DMARC, bounce MX and PTR (DOCTOR_A
 bench: kafka-up ## Run the benchmarks (results under bench/results/)
 	$(PY) -m bench
 
+.PHONY: bench-quick
+bench-quick: kafka-up ## Benchmark sanity run with small N (under 3 minutes)
+	$(PY) -m bench --quick
+
+.PHONY: bench-soak
+bench-soak: kafka-up ## Soak at 50% load: memory growth of every service (SOAK_S=120: 2 minutes)
+	$(PY) -m bench --soak --soak-s $${SOAK_S:-1800}
+
 .PHONY: clean
 clean: kafka-down ## Stop Kafka and delete local data and the virtualenv
 	rm -rf deploy/local/data deploy/local/run $(VENV)
