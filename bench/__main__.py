@@ -41,10 +41,10 @@ def options_from(args: argparse.Namespace) -> Options:
             warmup=1_000,
             senders=args.senders,
             latency_s=15.0,
-            profile_s=10.0,
-            scaling_messages=4_000,
-            postfix_messages=10_000,
-            raw_messages=5_000,
+            profile_s=8.0,
+            scaling_messages=3_000,
+            postfix_messages=6_000,
+            raw_messages=3_000,
             quick=True,
         )
     if args.messages:
@@ -60,7 +60,6 @@ def options_from(args: argparse.Namespace) -> Options:
     if args.soak:
         options.soak_s = args.soak_s
         options.soak_rate = args.soak_rate
-        options.scaling_messages = 20_000 if not args.quick else 4_000
     return options
 
 

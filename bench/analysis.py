@@ -56,6 +56,18 @@ class Window:
         return (self.last.busy_s - self.first.busy_s) / self.seconds if self.seconds > 0 else 0.0
 
 
+def sustained_or_drain(
+    samples: Sequence[Sample], base: int, expected: int, until_t: float
+) -> tuple[Window | None, bool]:
+    """The sustained window while load was still being submitted; when that covers less
+    than a quarter of the messages (a short run), [10%, 90%] including the drain.
+    Returns the window and whether it includes the drain."""
+    window = sustained_window(samples, base, expected, until_t=until_t)
+    if window is not None and window.delivered >= 0.25 * expected:
+        return window, False
+    return sustained_window(samples, base, expected), True
+
+
 def sustained_window(
     samples: Sequence[Sample],
     base: int,
@@ -173,7 +185,7 @@ def summarise_collapsed(lines: Sequence[str], top: int = 15) -> ProfileSummary:
             continue
         samples += count
         self_counts[_short(frames[-1])] += count
-        for frame in {_short(f) for f in frames}:
+        for frame in {_short(f) for f in frames if not _plumbing(f)}:
             total_counts[frame] += count
         area = "other"
         for frame in reversed(frames):
@@ -187,6 +199,22 @@ def summarise_collapsed(lines: Sequence[str], top: int = 15) -> ProfileSummary:
         return [(k, round(v / samples, 4)) for k, v in counter.most_common(top)] if samples else []
 
     return ProfileSummary(samples, shares(self_counts), shares(total_counts), shares(area_counts))
+
+
+#: Frames on every stack (interpreter start, event loop, thread start): no information.
+_PLUMBING = (
+    "<frozen runpy>",
+    "asyncio/runners.py",
+    "asyncio/base_events.py",
+    "asyncio/events.py",
+    "threading.py",
+    "concurrent/futures/thread.py",
+    "services/runtime/service.py",
+)
+
+
+def _plumbing(frame: str) -> bool:
+    return any(marker in frame for marker in _PLUMBING) or frame.startswith("<module> (")
 
 
 def _short(frame: str) -> str:

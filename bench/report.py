@@ -266,6 +266,14 @@ def table(summary: dict[str, Any]) -> str:
                 f"{_fmt(result.get('p50_ms'))} / {_fmt(result.get('p99_ms'))}",
             )
         )
+    for name, result in summary.get("consume_latency", {}).items():
+        if isinstance(result, dict):
+            rows.append(
+                (
+                    f"one consume stage at 100/s, {name}: p50 / p99 ms",
+                    f"{_fmt(result.get('p50_ms'))} / {_fmt(result.get('p99_ms'))}",
+                )
+            )
     rows.append(("Postfix: delivered/s", _fmt(summary["postfix_delivered_per_s"])))
     rows.append(
         ("Postfix: CPU-ms per message (Postfix + sink)", _fmt(summary["postfix_cpu_ms_per_msg"], 3))
@@ -295,6 +303,8 @@ def table(summary: dict[str, Any]) -> str:
             )
         )
         for name, growth in soak.get("memory", {}).items():
+            if name == "bench":
+                continue
             rows.append(
                 (
                     f"soak memory: {name}",

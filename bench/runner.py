@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import analysis
-from bench.analysis import Window, percentile, sustained_window, time_window
+from bench import analysis, consume_latency
+from bench.analysis import Window, percentile, sustained_or_drain, time_window
 from bench.events import EventCollector
 from bench.kafka import PrivateBroker
 from bench.load import PhaseLoad, Submitter, closed_loop, open_loop
@@ -252,13 +252,13 @@ class Bench:
         end = time.time()
         self.data.phases.append(Phase(name, load.started_t, end, "max"))
         result = self._phase_outcome(phase, load, base)
-        window = sustained_window(
-            self.sampler.samples, base, load.accepted_recipients, until_t=load.last_submit_t
+        window, drain = sustained_or_drain(
+            self.sampler.samples, base, load.accepted_recipients, load.last_submit_t
         )
         if window is None:
             result["error"] = "too few samples for a sustained window"
             return result
-        result |= self._window_report(window, self._ours())
+        result |= self._window_report(window, self._ours()) | {"window_includes_drain": drain}
         log.info(
             "%s: %.0f delivered/s, %.2f CPU-ms/msg",
             name,
@@ -409,9 +409,7 @@ class Bench:
         self.sampler.wait_next()
         self.data.phases.append(Phase("postfix", start, time.time(), "postfix"))
         names = ["postfix", "sink"]
-        window = sustained_window(self.sampler.samples, base, total, until_t=injected_t)
-        if window is None or window.delivered < 0.25 * total:
-            window = sustained_window(self.sampler.samples, base, total)
+        window, drain = sustained_or_drain(self.sampler.samples, base, total, injected_t)
         result: dict[str, Any] = {
             "messages": total,
             "sink_received": self.sampler.delivered() - base,
@@ -422,7 +420,7 @@ class Bench:
             "maillog": self.postfix.log_counts(),
         }
         if window is not None:
-            result |= self._window_report(window, names)
+            result |= self._window_report(window, names) | {"window_includes_drain": drain}
         self.sampler.unwatch("postfix")
         self.postfix.stop()
         self.postfix = None
@@ -464,6 +462,8 @@ class Bench:
         try:
             self._start_stack()
             self.warmup()
+            log.info("consume latency: what one consume stage adds at 100 records/s")
+            r["consume_latency"] = consume_latency.measure(self.broker.bootstrap)
             e2e = self.max_phase("end-to-end", self.o.messages)
             r["end_to_end"] = e2e
             max_rate = float(e2e.get("delivered_per_s") or 0.0)
@@ -503,7 +503,11 @@ class Bench:
             self.warmup()
             rate = self.o.soak_rate
             if rate is None:
-                measured = self.max_phase("maximum (for the soak rate)", self.o.scaling_messages)
+                measured = self.max_phase(
+                    f"maximum, {self.o.latency_per_submission} per submission",
+                    self.o.small_messages,
+                    self.o.latency_per_submission,
+                )
                 r["max_for_soak"] = measured
                 rate = self.o.soak_load * float(measured.get("delivered_per_s") or 0.0)
             if rate <= 0:
