@@ -1,4 +1,4 @@
-"""The blocklist watch writes its pause to the real `mail.control`, and clears it when delisted."""
+"""The blocklist watch writes its pause to `mail.control` on the real broker, and clears it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from schemas.catalogue import CONTROL
 from schemas.records import ControlAction, ControlCommand
 from services.runtime.producer import AsyncProducer
 from services.sender.blocklist import BlocklistWatch, WatchConfig, query_name, resolver_for
+from tests.integration.conftest import topic
 from tests.support.dns_server import DnsServerFactory
 from tests.support.kafka import BOOTSTRAP, TopicTail
 
@@ -24,11 +25,12 @@ async def test_listing_and_delisting_land_on_mail_control(
     pool = f"itest-{uuid.uuid4().hex[:8]}"  # a pool no running sender serves
     scope = f"pool:{pool}@dnsbl:{ZONE}"
     dns = dns_server_factory({query_name(ADDRESS, ZONE): {"A": ["127.0.0.2"]}})
-    tail = TopicTail(CONTROL)
+    control = topic(CONTROL)  # this session's mail.control
+    tail = TopicTail(control)
     producer = AsyncProducer({"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True})
 
     async def publish(key: str, value: bytes | None) -> None:
-        await producer.send(CONTROL, value, key)
+        await producer.send(control, value, key)
 
     config = WatchConfig(pool=pool, addresses=[ADDRESS], zones=[ZONE], pause=True)
     watch = BlocklistWatch(config, publish, resolver_for((dns.host, dns.port)))
