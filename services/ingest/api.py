@@ -12,7 +12,12 @@ from schemas.api import ErrorResponse, MessageAccepted, MessageRequest, MessageS
 from services.ingest.accept import InvalidField, UnknownPool
 from services.ingest.auth import ApiKeys, tenant_of
 from services.ingest.body import parse_body
-from services.ingest.errors import ApiError, install_error_handlers, unavailable
+from services.ingest.errors import (
+    ERROR_RESPONSES,
+    ApiError,
+    install_error_handlers,
+    unavailable,
+)
 from services.ingest.limits import BodySizeLimit, request_limit
 from services.ingest.publish import KeyConflict, KeyInProgress, Publisher, Unavailable
 from services.ingest.ratelimit import RateLimiter
@@ -24,21 +29,6 @@ from services.runtime.http import health_routes
 log = logging.getLogger(__name__)
 
 _MESSAGE_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-_RETRY_AFTER = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    | ({"headers": _RETRY_AFTER} if status in (429, 503) else {})
-    for status, description in {
-        400: "invalid request (`error.field` names the field)",
-        401: "missing or unknown API key",
-        404: "not found",
-        405: "method not allowed",
-        413: "request too large",
-        415: "not application/json",
-        429: "rate-limited (see Retry-After)",
-        503: "Kafka unavailable (see Retry-After)",
-    }.items()
-}
 _POST_ERRORS: dict[int | str, dict[str, Any]] = {
     409: {
         "model": ErrorResponse,
@@ -75,7 +65,7 @@ def create_app(deps: IngestDeps) -> FastAPI:
         title="Mailrail",
         version="1",
         description="Bulk-email delivery pipeline: hand it mail, read back what happened.",
-        responses=_ERRORS,
+        responses=ERROR_RESPONSES,
     )
     install_error_handlers(app)
     for route in health_routes(deps.health):

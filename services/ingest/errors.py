@@ -1,11 +1,30 @@
 """Every error ingest answers has one shape: `{"error": {"code", "message", "field"}}`."""
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.api import ErrorDetail, ErrorResponse
+
+_RETRY_AFTER = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
+#: The documented error answers of every route (OpenAPI).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    | ({"headers": _RETRY_AFTER} if status in (429, 503) else {})
+    for status, description in {
+        400: "invalid request (`error.field` names the field)",
+        401: "missing or unknown API key",
+        404: "not found",
+        405: "method not allowed",
+        413: "request too large",
+        415: "not application/json",
+        429: "rate-limited (see Retry-After)",
+        503: "Kafka unavailable (see Retry-After)",
+    }.items()
+}
 
 
 class ApiError(Exception):

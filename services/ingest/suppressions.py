@@ -12,7 +12,7 @@ from schemas.addresses import normalise_address
 from schemas.api import SuppressionEntry, SuppressionPage, SuppressionRequest
 from schemas.records import Suppression, SuppressionReason, suppression_key
 from services.ingest.auth import ApiKeys, tenant_of
-from services.ingest.errors import ApiError, unavailable
+from services.ingest.errors import ERROR_RESPONSES, ApiError, unavailable
 from services.runtime.codec import suppression_output, suppression_removal
 from services.runtime.loop import Output
 from services.runtime.producer import AsyncProducer, DeliveryFailed
@@ -28,7 +28,7 @@ def suppression_routes(
     timeout_s: float,
     retry_after_s: int,
 ) -> list[BaseRoute]:
-    router = APIRouter()
+    router = APIRouter(responses=ERROR_RESPONSES)
 
     async def write(output: Output) -> None:
         try:

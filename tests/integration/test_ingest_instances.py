@@ -1,0 +1,233 @@
+"""Ingest replicas of their own beside the integration stack: Kafka down, rate limits, two
+replicas racing on one Idempotency-Key, status after a restart, and signed webhooks."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from deploy.local.stack import ServiceProcess, isolated_env
+from services.ingest.webhooks import SIGNATURE_HEADER, verify_signature
+from tests.integration import conftest as stack_conf
+from tests.integration.conftest import API_KEY, OTHER_KEY, RULES, Stack, free_port, unique
+from tests.support.kafka import BOOTSTRAP, EventLog
+
+WEBHOOK_SECRET = "whsec-test-0123456789abcdef"
+
+
+def ingest_env(**extra: str) -> dict[str, str]:
+    return isolated_env(
+        {
+            "MAILRAIL_KAFKA_BOOTSTRAP": BOOTSTRAP,
+            "MAILRAIL_TOPIC_PREFIX": getattr(stack_conf, "TOPIC_PREFIX", ""),
+            "MAILRAIL_RULES": str(RULES),
+            "MAILRAIL_API_KEYS": f"acme:{API_KEY},globex:{OTHER_KEY}",
+            "MAILRAIL_SUBMIT_CONSUMER": "false",
+            **extra,
+        }
+    )
+
+
+class Replica:
+    def __init__(self, tmp: Path, **extra: str) -> None:
+        self.addr = f"127.0.0.1:{free_port()}"
+        self.url = f"http://{self.addr}"
+        env = ingest_env(MAILRAIL_HTTP_ADDR=self.addr, **extra)
+        name = f"ingest-{uuid.uuid4().hex[:6]}"
+        self.process = ServiceProcess(
+            name, "services.ingest", env, self.url, log_path=tmp / f"{name}.log"
+        )
+        self.process.start()
+
+    def client(self, key: str = API_KEY) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
+
+    def wait_alive(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("ingest did not come up")
+
+
+@pytest.fixture
+def replicas(kafka: AdminClient, tmp_path: Path) -> Iterator[Any]:
+    """Start ingest replicas (HTTP only) on the session's topics; stopped after the test."""
+    started: list[Replica] = []
+
+    def start(ready: bool = True, **extra: str) -> Replica:
+        replica = Replica(tmp_path, **extra)
+        started.append(replica)
+        if ready:
+            replica.process.wait_ready()
+        else:
+            replica.wait_alive()
+        return replica
+
+    yield start
+    for replica in started:
+        replica.process.stop()
+
+
+def body(*to: str, **extra: Any) -> dict[str, Any]:
+    return {"from": "a@acme.example", "to": list(to), "subject": "s", "text": "t", **extra}
+
+
+def test_kafka_down_answers_503_with_retry_after_quickly(replicas: Any) -> None:
+    port = free_port()  # bound and closed again: nobody listens there
+    replica = replicas(
+        ready=False,
+        MAILRAIL_KAFKA_BOOTSTRAP=f"127.0.0.1:{port}",
+        MAILRAIL_PRODUCE_TIMEOUT_S="2",
+        MAILRAIL_RETRY_AFTER_S="7",
+    )
+    with replica.client() as client:
+        for headers in ({}, {"Idempotency-Key": "k1"}):
+            started = time.monotonic()
+            answer = client.post("/v1/messages", json=body("x@example.com"), headers=headers)
+            elapsed = time.monotonic() - started
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["Retry-After"] == "7"
+            assert answer.json()["error"]["code"] == "kafka_unavailable"
+            assert elapsed < 4.0
+        assert httpx.get(f"{replica.url}/readyz").status_code == 503
+
+
+def test_tenant_over_its_rate_gets_429_with_retry_after(replicas: Any) -> None:
+    replica = replicas(
+        MAILRAIL_RATE_RECIPIENTS_PER_S="100",
+        MAILRAIL_RATE_BURST_RECIPIENTS="1000",
+        MAILRAIL_TENANT_RATES="acme:1",
+    )
+    with replica.client() as client:
+        first = client.post("/v1/messages", json=body(unique(), unique()))
+        second = client.post("/v1/messages", json=body(unique(), unique(), unique()))
+        other = replica.client(OTHER_KEY).post("/v1/messages", json=body(unique()))
+    assert first.status_code == 202, first.text
+    assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limited"
+    assert int(second.headers["Retry-After"]) >= 1
+    assert other.status_code == 202  # the limit is per tenant
+
+
+def test_two_replicas_racing_on_one_key_publish_one_message(
+    stack: Stack, replicas: Any, events: EventLog
+) -> None:
+    second = replicas()
+    urls = [stack.url, second.url] * 4
+    rcpt = unique("race")
+    key = {"Idempotency-Key": f"race-{uuid.uuid4().hex}", "Authorization": f"Bearer {API_KEY}"}
+    barrier = threading.Barrier(len(urls))
+
+    def post(url: str) -> httpx.Response:
+        barrier.wait()
+        return httpx.post(f"{url}/v1/messages", json=body(rcpt), headers=key, timeout=30)
+
+    with ThreadPoolExecutor(len(urls)) as pool:
+        answers = list(pool.map(post, urls))
+    ok = [a for a in answers if a.status_code == 202]
+    assert ok and all(a.status_code in (202, 409) for a in answers), [a.text for a in answers]
+    assert len({a.json()["id"] for a in ok}) == 1
+    events.wait_types(rcpt, {"delivered"})
+    time.sleep(1)
+    assert [e.type.value for e in events.events(rcpt)].count("accepted") == 1
+    # Once settled, every replica answers the first answer.
+    for url in (stack.url, second.url):
+        again = httpx.post(f"{url}/v1/messages", json=body(rcpt), headers=key, timeout=30)
+        assert again.status_code == 202 and again.json() == ok[0].json()
+
+
+def test_a_new_replica_knows_earlier_messages_and_keys(
+    stack: Stack, replicas: Any, events: EventLog
+) -> None:
+    rcpt = unique("restart")
+    key = {"Idempotency-Key": f"restart-{uuid.uuid4().hex}"}
+    with stack.client() as client:
+        first = client.post("/v1/messages", json=body(rcpt), headers=key).json()
+    events.wait_types(rcpt, {"delivered"})
+    fresh = replicas()  # state comes from Kafka only
+    with fresh.client() as client:
+        deadline = time.monotonic() + 30
+        while True:
+            status = client.get(f"/v1/messages/{first['id']}")
+            if status.status_code == 200 and status.json()["recipients"][0].get("final"):
+                break
+            assert time.monotonic() < deadline, status.text
+            time.sleep(0.3)
+        replay = client.post("/v1/messages", json=body(rcpt), headers=key)
+    assert status.json()["recipients"][0]["final"] == "delivered"
+    assert replay.status_code == 202 and replay.json() == first
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: list[tuple[dict[str, Any], bool]] = []
+    calls = 0
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        raw = self.rfile.read(length)
+        type(self).calls += 1
+        if type(self).calls == 1:  # the first delivery fails: it must be retried
+            self.send_response(503)
+            self.end_headers()
+            return
+        valid = verify_signature(WEBHOOK_SECRET, self.headers[SIGNATURE_HEADER], raw)
+        type(self).received.append((json.loads(raw), valid))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_webhooks_deliver_signed_events_with_retries(replicas: Any, events: EventLog) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        hooks = {
+            "acme": [
+                {
+                    "url": f"http://127.0.0.1:{server.server_port}/hooks",
+                    "secret": WEBHOOK_SECRET,
+                    "events": ["accepted", "delivered"],
+                }
+            ]
+        }
+        replica = replicas(
+            MAILRAIL_WEBHOOKS=json.dumps(hooks),
+            MAILRAIL_WEBHOOK_GROUP_ID=f"hooks-{uuid.uuid4().hex[:6]}",
+            MAILRAIL_WEBHOOK_BACKOFF_S="0.2",
+        )
+        rcpt = unique("hook")
+        with replica.client() as client:
+            message_id = client.post("/v1/messages", json=body(rcpt)).json()["id"]
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline:
+            mine = [
+                (p, ok) for p, ok in _Receiver.received if p["event"]["message_id"] == message_id
+            ]
+            if {p["event"]["type"] for p, _ in mine} == {"accepted", "delivered"}:
+                break
+            time.sleep(0.2)
+        assert {p["event"]["type"] for p, _ in mine} == {"accepted", "delivered"}, mine
+        assert all(ok for _, ok in mine)
+        assert all(p["event"]["recipient"] == rcpt for p, _ in mine)
+        assert _Receiver.calls > len(_Receiver.received)  # the 503 was retried
+    finally:
+        server.shutdown()
