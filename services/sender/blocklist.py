@@ -100,9 +100,12 @@ class BlocklistWatch:
         self.paused: dict[str, datetime] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Check now and every `interval_s` until stopped."""
+        """Check now and every `interval_s` until stopped; a failed round never stops the sender."""
         while not stop.is_set():
-            await self.check()
+            try:
+                await self.check()
+            except Exception:
+                log.exception("blocklist check failed; trying again next round")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._config.interval_s)
 
@@ -122,7 +125,7 @@ class BlocklistWatch:
             answer = await self._resolver.resolve(name, "A", raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
             return Verdict(Listing.CLEAR)
-        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+        except dns.exception.DNSException as exc:
             LOOKUP_ERRORS.labels(zone, type(exc).__name__).inc()
             return Verdict(Listing.UNKNOWN, f"look-up failed: {exc}")
         codes = [ipaddress.ip_address(r.to_text()) for r in answer]

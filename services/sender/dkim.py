@@ -86,7 +86,8 @@ class DkimSigner:
         fields, body_start = _parse_head(message)
         domain = _from_domain(fields)
         signing = self._keyring.signing_domain(domain, tenant) if domain else None
-        keys = [*(self._keyring.active[signing] if signing else ()), *self._keyring.platform]
+        own = self._keyring.active[signing] if signing else []
+        keys = [*own, *(k for k in self._keyring.platform if k.domain != signing)]
         why = f"no key for {domain}" if domain else "no From header"
         if not keys:
             return Signed(message, f"unsigned: {why}")

@@ -108,6 +108,7 @@ def test_query_names() -> None:
         (LISTED_IP, "refused.test", Listing.UNKNOWN),
         (LISTED_IP, "wildcard.test", Listing.UNKNOWN),
         (LISTED_IP, "broken.test", Listing.UNKNOWN),
+        (LISTED_IP, "bad..zone", Listing.UNKNOWN),
     ],
 )
 async def test_verdicts(

@@ -246,6 +246,12 @@ def test_domain_without_key_gets_only_the_platform_signature(
     assert verify_all(signed.data, dnsfunc) == [True]
 
 
+def test_platform_domain_as_from_is_signed_once(signer: DkimSigner, dnsfunc: DnsFunc) -> None:
+    signed = signer.sign(b"From: news@mailrail.test\r\nSubject: s\r\n\r\nbody\r\n", "acme")
+    assert signed.summary == "aligned: mailrail.test/p1"
+    assert verify_all(signed.data, dnsfunc) == [True]
+
+
 def test_unsigned_without_any_key(key_folder: Path, tmp_path: Path) -> None:
     folder = write_key_folder(tmp_path, {"acme.example": ["k.ed25519"]})
     message = b"From: a@nokey.example\r\nSubject: s\r\n\r\nbody\r\n"
