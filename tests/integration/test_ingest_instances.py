@@ -113,8 +113,8 @@ def test_kafka_down_answers_503_with_retry_after_quickly(replicas: Any) -> None:
 def test_tenant_over_its_rate_gets_429_with_retry_after(replicas: Any) -> None:
     replica = replicas(
         MAILRAIL_RATE_RECIPIENTS_PER_S="100",
-        MAILRAIL_RATE_BURST_RECIPIENTS="1000",
-        MAILRAIL_TENANT_RATES="acme:1",
+        MAILRAIL_RATE_BURST_RECIPIENTS="2000",
+        MAILRAIL_TENANT_RATES="acme:0.1",  # the burst scales with it: 2 recipients
     )
     with replica.client() as client:
         first = client.post("/v1/messages", json=body(unique(), unique()))
