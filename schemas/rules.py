@@ -23,6 +23,9 @@ class Pool(_Rule):
     name: _Name
     ehlo: str = "mailrail.localhost"
     source_addresses: list[str] = Field(default_factory=list)
+    #: A return path per recipient (VERP), so asynchronous bounces match their recipient.
+    #: Off: recipients of a batch whose body is identical share one transaction.
+    verp: bool = True
 
 
 class Shaping(_Rule):

@@ -35,14 +35,16 @@ class MxRoute:
 
 
 class MxResolver:
-    def __init__(self, nameserver: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self, nameserver: tuple[str, int] | None = None, timeout_s: float = DNS_TIMEOUT_S
+    ) -> None:
         if nameserver is None:
             self._resolver = dns.asyncresolver.Resolver()
         else:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
             self._resolver.nameservers = [nameserver[0]]
             self._resolver.port = nameserver[1]
-        self._resolver.lifetime = DNS_TIMEOUT_S
+        self._resolver.lifetime = timeout_s
         self._cache: dict[str, tuple[float, MxRoute]] = {}
 
     async def resolve(self, domain: str) -> MxRoute:

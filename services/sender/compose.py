@@ -31,10 +31,26 @@ def message_id_for(batch: DeliveryBatch, recipient: BatchRecipient) -> str:
     return f"<{batch.message_id}.{recipient.index}@{domain_of(address_of(batch.from_))}>"
 
 
+UNDISCLOSED = "undisclosed-recipients:;"
+
+
+def personalised(batch: DeliveryBatch) -> bool:
+    """True when recipients' bytes differ (variables), so each needs its own transaction."""
+    content = batch.content
+    parts = (content.subject, content.text, content.html)
+    return any(r.vars for r in batch.recipients) or any("{{" in (p or "") for p in parts)
+
+
 def compose(
-    batch: DeliveryBatch, recipient: BatchRecipient, extra_headers: dict[str, str] | None = None
+    batch: DeliveryBatch,
+    recipient: BatchRecipient,
+    extra_headers: dict[str, str] | None = None,
+    shared: bool = False,
 ) -> bytes:
-    """The message as it goes on the wire: CRLF line ends, every line a full line."""
+    """The message as it goes on the wire: CRLF line ends, every line a full line.
+
+    `shared`: one copy for every recipient of the batch (To: undisclosed recipients).
+    """
     content = batch.content
     raw = content.raw_bytes()
     if raw is not None:
@@ -42,7 +58,7 @@ def compose(
         return head + _crlf(raw)
     message = EmailMessage()
     message["From"] = batch.from_
-    message["To"] = recipient.email
+    message["To"] = UNDISCLOSED if shared else recipient.email
     message["Subject"] = substitute(content.subject or "", recipient.vars)
     message["Date"] = format_datetime(utc_now())
     message["Message-ID"] = message_id_for(batch, recipient) or make_msgid()

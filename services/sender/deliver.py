@@ -33,7 +33,7 @@ from services.runtime.codec import batch_output, control_output, event_output
 from services.runtime.dns import MxHost, MxResolver, MxRoute
 from services.runtime.loop import Output
 from services.sender import metrics
-from services.sender.compose import compose
+from services.sender.compose import compose, personalised
 from services.sender.controls import Controls, scope_for
 from services.sender.dkim import DkimSigner
 from services.sender.retry import expired, next_delay, tier_for
@@ -234,6 +234,8 @@ class Deliverer:
         attempt: _Attempt,
     ) -> int:
         """Send pending recipients on one session; returns how many were consumed."""
+        if not self._pool.verp and not personalised(batch):
+            return await self._send_shared(session, batch, destination, pending, attempt)
         for done, (recipient, slot) in enumerate(pending):
             if not session.alive:
                 return done
@@ -273,6 +275,43 @@ class Deliverer:
                 attempt.blocked_by = result.reply
                 attempt.untried = [r for r, _ in pending[done + 1 :]]
                 return len(pending)
+        return len(pending)
+
+    async def _send_shared(
+        self,
+        session: SmtpSession,
+        batch: DeliveryBatch,
+        destination: Destination,
+        pending: list[tuple[BatchRecipient, float]],
+        attempt: _Attempt,
+    ) -> int:
+        """Every pending recipient in one transaction (same bytes, one return path)."""
+        if self._paused_until(batch, utc_now()) is not None:
+            attempt.untried = [r for r, _ in pending]
+            return len(pending)
+        wait_s = pending[0][1] - self._clock()
+        metrics.QUOTA_WAIT_SECONDS.labels(batch.pool).observe(max(wait_s, 0.0))
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        recipients = [r for r, _ in pending]
+        data = compose(batch, recipients[0], shared=True)
+        signed = self._signer.sign(data, batch.tenant) if self._signer else None
+        data = signed.data if signed else data
+        started = self._clock()
+        results = await session.send_many(
+            f"bounces@{self._policy.bounce_domain}", [r.email for r in recipients], data
+        )
+        metrics.SMTP_SECONDS.labels(batch.pool).observe(self._clock() - started)
+        for recipient, result in zip(recipients, results, strict=True):
+            destination.note_send()
+            signal = self._patterns.signal(result.reply)
+            await destination.on_signal(signal)
+            summary = signed.summary if signed else None
+            attempt.outcomes.append(
+                Outcome(recipient, result.reply, session.host, result.possible_duplicate, summary)
+            )
+            if signal is Signal.BLOCK:
+                attempt.blocked_by = result.reply
         return len(pending)
 
     def _pause(self, batch: DeliveryBatch, reply: SmtpReply) -> Output:

@@ -95,56 +95,88 @@ class SmtpSession:
 
     async def send(self, mail_from: str, rcpt: str, data: bytes) -> SendResult:
         """One transaction for one recipient."""
+        return (await self.send_many(mail_from, [rcpt], data))[0]
+
+    async def send_many(self, mail_from: str, rcpts: list[str], data: bytes) -> list[SendResult]:
+        """One transaction for several recipients of the same bytes: a result per recipient.
+
+        DATA is never sent when every RCPT was refused; refused recipients keep their RCPT
+        reply, accepted ones get the reply to the final dot.
+        """
         client = self.client
         protocol = client.protocol
+
+        def every(result: SendResult) -> list[SendResult]:
+            return [result] * len(rcpts)
+
         if protocol is None or not client.is_connected:
-            return SendResult(_lost("connection lost before the transaction"))
+            return every(SendResult(_lost("connection lost before the transaction")))
         size_limit = _size_limit(client)
         if size_limit and len(data) > size_limit:
-            return SendResult(
-                SmtpReply(
-                    code=552,
-                    enhanced="5.3.4",
-                    text=f"message size {len(data)} exceeds the server's limit {size_limit}",
-                )
-            )
-        utf8 = not (mail_from.isascii() and rcpt.isascii())
+            text = f"message size {len(data)} exceeds the server's limit {size_limit}"
+            return every(SendResult(SmtpReply(code=552, enhanced="5.3.4", text=text)))
+        utf8 = not (mail_from.isascii() and all(r.isascii() for r in rcpts))
         if utf8 and not client.supports_extension("smtputf8"):
-            return SendResult(
-                SmtpReply(
-                    code=553,
-                    enhanced="5.6.7",
-                    text="non-ASCII address and the server does not offer SMTPUTF8",
-                )
-            )
+            text = "non-ASCII address and the server does not offer SMTPUTF8"
+            return every(SendResult(SmtpReply(code=553, enhanced="5.6.7", text=text)))
         options = b" SMTPUTF8" if utf8 else b""
         if size_limit is not None:
             options += b" SIZE=%d" % len(data)
         if not data.isascii() and client.supports_extension("8bitmime"):
             options += b" BODY=8BITMIME"
-        mail = b"MAIL FROM:<" + mail_from.encode() + b">" + options + b"\r\n"
-        rcpt_to = b"RCPT TO:<" + rcpt.encode() + b">\r\n"
+        commands = [b"MAIL FROM:<" + mail_from.encode() + b">" + options + b"\r\n"]
+        commands += [b"RCPT TO:<" + rcpt.encode() + b">\r\n" for rcpt in rcpts]
+        commands.append(b"DATA\r\n")
         self.sent += 1
         try:
             if self.pipelining and isinstance(protocol, PipeliningProtocol):
-                replies = await protocol.pipeline(
-                    [mail, rcpt_to, b"DATA\r\n"], self_timeout(client)
-                )
+                replies = await protocol.pipeline(commands, self_timeout(client))
             else:
-                replies = []
-                for command in (mail, rcpt_to, b"DATA\r\n"):
-                    replies.append(
-                        await protocol.execute_command(command[:-2], timeout=self_timeout(client))
-                    )
-                    if replies[-1].code >= 400:
-                        break
+                replies = await self._one_by_one(commands)
         except (aiosmtplib.SMTPException, OSError) as exc:
             client.close()
-            return SendResult(_lost(f"connection lost: {exc}"))
-        failed = next((r for r in replies[:2] if r.code >= 400), None)
-        if failed is not None or replies[-1].code != 354:
+            return every(SendResult(_lost(f"connection lost: {exc}")))
+        mail_reply, rcpt_replies = replies[0], replies[1 : 1 + len(rcpts)]
+        if mail_reply.code >= 400:
             await self._abort(replies)
-            return SendResult(_reply(failed or replies[-1]))
+            return every(SendResult(_reply(mail_reply)))
+        accepted = [r.code < 400 for r in rcpt_replies]
+        data_reply = replies[1 + len(rcpts)] if len(replies) > 1 + len(rcpts) else None
+        if not any(accepted) or data_reply is None or data_reply.code != 354:
+            await self._abort(replies)
+            refused = data_reply or rcpt_replies[-1]
+            return [
+                SendResult(_reply(rcpt_replies[i] if not ok or data_reply is None else refused))
+                for i, ok in enumerate(accepted)
+            ]
+        final = await self._body(data)
+        return [
+            final if ok else SendResult(_reply(rcpt_replies[i])) for i, ok in enumerate(accepted)
+        ]
+
+    async def _one_by_one(self, commands: list[bytes]) -> list[SMTPResponse]:
+        """Without PIPELINING: stop after a refused MAIL, and skip DATA if no RCPT passed."""
+        protocol = self.client.protocol
+        assert protocol is not None
+        replies = [
+            await protocol.execute_command(commands[0][:-2], timeout=self_timeout(self.client))
+        ]
+        if replies[0].code >= 400:
+            return replies
+        for command in commands[1:-1]:
+            replies.append(
+                await protocol.execute_command(command[:-2], timeout=self_timeout(self.client))
+            )
+        if any(r.code < 400 for r in replies[1:]):
+            replies.append(
+                await protocol.execute_command(b"DATA", timeout=self_timeout(self.client))
+            )
+        return replies
+
+    async def _body(self, data: bytes) -> SendResult:
+        client = self.client
+        protocol = client.protocol
+        assert protocol is not None
         body = _LEADING_DOT.sub(b"..", normalize_message_line_endings(data))
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
@@ -280,6 +312,10 @@ class SmtpPool:
         )
         try:
             await client.connect(timeout=options.connect_timeout_s)
+            if client.is_ehlo_or_helo_needed:
+                # After STARTTLS the session starts over (RFC 3207): EHLO again, now, so the
+                # extensions are known before the first transaction.
+                await client.ehlo()
         except aiosmtplib.SMTPConnectResponseError as exc:
             client.close()
             raise ConnectFailed(reply_of(exc.code, exc.message)) from None
