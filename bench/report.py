@@ -102,6 +102,16 @@ def summarise(data: RunData, options: Options, started: datetime) -> dict[str, A
         "cpu_per_msg_vs_postfix": round(ours_cpu / pf_cpu, 3) if pf_cpu else math.nan,
         "raw_ceiling_per_s": _num(r.get("raw_ceiling", {}).get("smtp_source_to_sink_per_s")),
         "rss_mib": rss,
+        "best_scaling_vs_postfix": round(
+            max(
+                (_num(v.get("delivered_per_s")) for v in r.get("scaling", {}).values()),
+                default=math.nan,
+            )
+            / pf_rate,
+            3,
+        )
+        if pf_rate
+        else math.nan,
         "scaling_delivered_per_s": {
             k: v.get("delivered_per_s") for k, v in r.get("scaling", {}).items()
         },
@@ -280,6 +290,12 @@ def table(summary: dict[str, Any]) -> str:
     )
     rows.append(("ours / Postfix: throughput", _fmt(summary["throughput_vs_postfix"], 2)))
     rows.append(("ours / Postfix: CPU per message", _fmt(summary["cpu_per_msg_vs_postfix"], 2)))
+    rows.append(
+        (
+            "ours, best sender count / Postfix: throughput",
+            _fmt(summary["best_scaling_vs_postfix"], 2),
+        )
+    )
     raw = summary.get("raw_ceiling", {})
     rows.append(("raw: smtp-source → sink, msg/s", _fmt(raw.get("smtp_source_to_sink_per_s"))))
     rows.append(

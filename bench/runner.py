@@ -348,7 +348,7 @@ class Bench:
     def profile_phase(self, rate_hint: float) -> dict[str, Any]:
         """py-spy on the sender(s) and the router while the pipeline runs at its maximum."""
         assert self.stack is not None
-        total = int(max(rate_hint, 100) * (self.o.profile_s + 15))
+        total = int(max(rate_hint, 100) * (self.o.profile_s + 10))
         pids = self.stack.pids()
         targets = {n: pids[n] for n in ["router", *self.stack.sender_names()] if n in pids}
         started = False
