@@ -40,6 +40,7 @@ SECRET_NAMES = {
     "mailrail-dkim-keys",
     "mailrail-kafka-auth",
     "mailrail-verp-key",
+    "mailrail-api-key-pepper",
 }
 #: Variables that hold a secret: they must come from a Secret, never a literal or a ConfigMap.
 SECRET_VARIABLE = re.compile(r"(PASSWORD|SECRET|TOKEN|_KEY)$")
