@@ -90,3 +90,44 @@ def compose(
 def _crlf(data: bytes) -> bytes:
     data = _BARE_LINE_END.sub(b"\r\n", data)
     return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+_TO_STAND_IN = "mailrail-recipient-placeholder@invalid"
+_ID_STAND_IN = "<mailrail-message-id-placeholder@invalid>"
+
+
+class Composer:
+    """Composes one batch for each of its recipients, building the MIME tree only once.
+
+    When recipients' bytes differ only in To and Message-ID (no variables, ASCII addresses),
+    the message is serialised once with placeholders and each copy is a byte substitution;
+    otherwise each recipient's message is built in full.
+    """
+
+    def __init__(self, batch: DeliveryBatch) -> None:
+        self._batch = batch
+        self._template: bytes | None = None
+        simple = (
+            batch.content.raw is None
+            and not personalised(batch)
+            and batch.from_.isascii()
+            and all(r.email.isascii() for r in batch.recipients)
+        )
+        if simple:
+            stand_in = BatchRecipient(email=_TO_STAND_IN, index=0)
+            template = compose(batch, stand_in)
+            own_id = message_id_for(batch, stand_in).encode()
+            if template.count(_TO_STAND_IN.encode()) == 1 and template.count(own_id) == 1:
+                self._template = template.replace(own_id, _ID_STAND_IN.encode())
+
+    def render(
+        self, recipient: BatchRecipient, extra_headers: dict[str, str] | None = None
+    ) -> bytes:
+        if self._template is None:
+            return compose(self._batch, recipient, extra_headers)
+        data = self._template.replace(_TO_STAND_IN.encode(), recipient.email.encode(), 1)
+        data = data.replace(_ID_STAND_IN.encode(), message_id_for(self._batch, recipient).encode(), 1)
+        if extra_headers:
+            head = "".join(f"{name}: {value}\r\n" for name, value in extra_headers.items())
+            data = head.encode() + data
+        return data

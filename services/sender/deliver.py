@@ -33,7 +33,7 @@ from services.runtime.codec import batch_output, control_output, event_output
 from services.runtime.dns import MxHost, MxResolver, MxRoute
 from services.runtime.loop import Output
 from services.sender import metrics
-from services.sender.compose import compose, personalised
+from services.sender.compose import Composer, compose, personalised
 from services.sender.controls import Controls, scope_for
 from services.sender.dkim import DkimSigner
 from services.sender.retry import expired, next_delay, tier_for
@@ -236,6 +236,7 @@ class Deliverer:
         """Send pending recipients on one session; returns how many were consumed."""
         if not self._pool.verp and not personalised(batch):
             return await self._send_shared(session, batch, destination, pending, attempt)
+        composer = Composer(batch)
         for done, (recipient, slot) in enumerate(pending):
             if not session.alive:
                 return done
@@ -246,7 +247,7 @@ class Deliverer:
             metrics.QUOTA_WAIT_SECONDS.labels(batch.pool).observe(max(wait_s, 0.0))
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
-            data = compose(batch, recipient)
+            data = composer.render(recipient)
             signed = self._signer.sign(data, batch.tenant) if self._signer else None
             data = signed.data if signed else data
             return_path = encode_return_path(

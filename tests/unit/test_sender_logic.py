@@ -80,3 +80,28 @@ def test_retry_schedule_and_tiers() -> None:
     start = datetime(2026, 1, 1, tzinfo=UTC)
     assert not expired(start, start + timedelta(days=1), timedelta(hours=1), timedelta(days=3))
     assert expired(start, start + timedelta(days=3), timedelta(hours=1), timedelta(days=3))
+
+
+def test_composer_copies_match_full_composition() -> None:
+    import re
+
+    from services.sender.compose import Composer
+
+    content = Content(subject="Hello", text="Hi\n.\nthere", html="<p>x</p>")
+    b = batch(content).model_copy(
+        update={"recipients": [BatchRecipient(email=f"u{i}@x.example", index=i) for i in range(3)]}
+    )
+    composer = Composer(b)
+    for recipient in b.recipients:
+        fast = composer.render(recipient)
+        full = compose(b, recipient)
+
+        def strip(data: bytes) -> bytes:
+            data = re.sub(rb"Date: [^\r]*\r\n", b"", data)
+            return re.sub(rb"=+\d+==", b"BOUNDARY", data)
+
+        assert strip(fast) == strip(full)
+        assert f"To: {recipient.email}\r\n".encode() in fast
+        assert f"<abc.{recipient.index}@acme.example>".encode() in fast
+    personal = batch(Content(subject="Hi {{name}}", text="t"))
+    assert Composer(personal).render(personal.recipients[0]).startswith(b"From:")
