@@ -273,13 +273,22 @@ class ConsumerLoop:
                     state.committed = max(state.committed, tp.offset)
 
     async def _drain(self, keys: Sequence[tuple[str, int]]) -> None:
+        """Let the partitions' work finish; cancel what outlives the drain timeout.
+
+        Cancelled records stay uncommitted, so the partition's next owner processes them;
+        cancelling keeps this member from also finishing them (and writing twice).
+        """
         tasks = [t for key in keys if (s := self._partitions.get(key)) for t in s.tasks]
         if tasks:
             _, still_running = await asyncio.wait(tasks, timeout=self._drain_timeout_s)
             if still_running:
                 log.warning(
-                    "drain timed out", extra={"loop": self.name, "left": len(still_running)}
+                    "drain timed out, cancelling",
+                    extra={"loop": self.name, "left": len(still_running)},
                 )
+                for task in still_running:
+                    task.cancel()
+                await asyncio.gather(*still_running, return_exceptions=True)
 
     async def _drain_all(self) -> None:
         await self._drain(list(self._partitions))
