@@ -18,7 +18,8 @@ from datetime import datetime
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
-from schemas.catalogue import EVENTS
+#: The contract's topic name (design.md); the services run without a topic prefix.
+EVENTS = "mail.events"
 
 log = logging.getLogger(__name__)
 

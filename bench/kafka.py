@@ -12,6 +12,7 @@ import base64
 import logging
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,8 +20,7 @@ from pathlib import Path
 from confluent_kafka.admin import AdminClient
 
 from bench.procs import Popen, Registry, free_port, stop_child, wait_for_port
-from schemas.rules import load_rules
-from services.runtime.topics import ensure_topics
+from deploy.local.stack import isolated_env
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class PrivateBroker:
     def pid(self) -> int | None:
         return None if self.popen is None else self.popen.pid
 
-    def start(self, rules: Path) -> None:
+    def start(self, rules: Path, src: Path = REPO) -> None:
         if not (LIB / ".resolved").exists():
             raise SystemExit(
                 "the Kafka jars are missing: run `make kafka-up` once (make bench does)"
@@ -104,7 +104,14 @@ class PrivateBroker:
             if time.monotonic() > deadline:
                 raise TimeoutError("the private broker does not answer")
             time.sleep(0.5)
-        ensure_topics(admin, load_rules(rules).pool_names())
+        # Topics from the catalogue of the code under test (the snapshot), not the bench's.
+        subprocess.run(
+            [sys.executable, "-m", "services.runtime.topics", "--rules", str(rules)],
+            cwd=src,
+            env=isolated_env({"MAILRAIL_KAFKA_BOOTSTRAP": self.bootstrap}),
+            check=True,
+            timeout=120,
+        )
 
     def stop(self) -> None:
         if self.popen is not None:

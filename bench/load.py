@@ -28,7 +28,8 @@ import httpx
 import orjson
 from confluent_kafka import KafkaError, Message, Producer
 
-from schemas.catalogue import SUBMIT
+#: The contract's topic name (design.md); the services run without a topic prefix.
+SUBMIT = "mail.submit"
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from bench.postfix import PostfixInstance, SmtpSink, ensure_installed, smtp_sour
 from bench.procs import Registry
 from bench.profile import Profiler
 from bench.sampler import Sampler
-from bench.stack import RULES, Sink, Stack, log_summary
+from bench.stack import RULES, Sink, Stack, log_summary, snapshot_source
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ class Bench:
             log.warning("ended leftovers of an earlier run: %s", ", ".join(leftovers))
         shutil.rmtree(RUN_DIR / "logs", ignore_errors=True)
         (RUN_DIR / "logs").mkdir(parents=True)
+        self.src = snapshot_source(RUN_DIR)
         self.broker = PrivateBroker(RUN_DIR, self.registry)
-        self.sink = Sink(RUN_DIR, self.registry)
+        self.sink = Sink(RUN_DIR, self.registry, self.src)
         self.sampler = Sampler(self.sink.stats_file)
         self.stack: Stack | None = None
         self.events: EventCollector | None = None
@@ -109,7 +110,7 @@ class Bench:
 
     def _start_stack(self) -> Stack:
         log.info("starting: private Kafka broker, sink, services")
-        self.broker.start(RULES)
+        self.broker.start(RULES, self.src)
         assert self.broker.pid is not None
         self.sampler.watch("kafka", self.broker.pid)
         self.sink.start()
@@ -118,7 +119,7 @@ class Bench:
         self.sampler.watch("bench", os.getpid())
         self.sampler.start()
         stack = self.stack = Stack(
-            RUN_DIR, self.broker.bootstrap, self.sink, self.sampler, self.registry
+            RUN_DIR, self.broker.bootstrap, self.sink, self.sampler, self.registry, self.src
         )
         stack.start(self.o.senders)
         self.events = EventCollector(self.broker.bootstrap)

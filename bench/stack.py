@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
@@ -32,10 +34,61 @@ SERVICE_STOP_TIMEOUT_S = 30.0
 ASSIGN_TIMEOUT_S = 90.0
 
 
+#: What a snapshot holds: every package the services and the sink import.
+SNAPSHOT = (
+    "services",
+    "schemas",
+    "deploy/__init__.py",
+    "deploy/local/__init__.py",
+    "deploy/local/sink.py",
+    "deploy/local/stack.py",
+)
+
+
+def snapshot_source(run_dir: Path) -> Path:
+    """Copy the services' code as it is now (committed or not) to `run_dir/src`.
+
+    Other people change services/ while a bench runs; every process of one run is started
+    from this copy, so a service restarted halfway (scaling) runs the same code as the rest.
+    """
+    src = run_dir / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    for item in SNAPSHOT:
+        source, target = REPO / item, src / item
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    return src
+
+
+@dataclass
+class SnapshotProcess(ServiceProcess):
+    """A `ServiceProcess` whose working directory (so whose code) is the snapshot."""
+
+    cwd: Path = REPO
+
+    def start(self) -> SnapshotProcess:
+        output = None if self.log_path is None else self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", self.module, *self.args],
+            cwd=self.cwd,
+            env=self.env,
+            stdout=output,
+            stderr=output,
+            stdin=subprocess.DEVNULL,
+        )
+        if output is not None:
+            output.close()
+        return self
+
+
 class Sink:
     """`deploy/local/sink.py --quiet --stats-file`: counts what arrives, keeps nothing."""
 
-    def __init__(self, run_dir: Path, registry: Registry) -> None:
+    def __init__(self, run_dir: Path, registry: Registry, src: Path = REPO) -> None:
+        self.src = src
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.stats_file = run_dir / "sink-stats.json"
@@ -58,7 +111,7 @@ class Sink:
                 "--stats-file",
                 str(self.stats_file),
             ],
-            cwd=REPO,
+            cwd=self.src,
             stdout=output,
             stderr=output,
             stdin=subprocess.DEVNULL,
@@ -76,8 +129,15 @@ class Sink:
 
 class Stack:
     def __init__(
-        self, run_dir: Path, bootstrap: str, sink: Sink, sampler: Sampler, registry: Registry
+        self,
+        run_dir: Path,
+        bootstrap: str,
+        sink: Sink,
+        sampler: Sampler,
+        registry: Registry,
+        src: Path = REPO,
     ) -> None:
+        self.src = src
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
         self.bootstrap = bootstrap
@@ -105,8 +165,8 @@ class Stack:
             }
         )
         self.logs.mkdir(parents=True, exist_ok=True)
-        return ServiceProcess(
-            name, module, env, f"http://{admin}", log_path=self.logs / f"{name}.log"
+        return SnapshotProcess(
+            name, module, env, f"http://{admin}", log_path=self.logs / f"{name}.log", cwd=self.src
         )
 
     def start(self, senders: int = 1) -> None:
