@@ -126,7 +126,9 @@ class Composer:
         if self._template is None:
             return compose(self._batch, recipient, extra_headers)
         data = self._template.replace(_TO_STAND_IN.encode(), recipient.email.encode(), 1)
-        data = data.replace(_ID_STAND_IN.encode(), message_id_for(self._batch, recipient).encode(), 1)
+        data = data.replace(
+            _ID_STAND_IN.encode(), message_id_for(self._batch, recipient).encode(), 1
+        )
         if extra_headers:
             head = "".join(f"{name}: {value}\r\n" for name, value in extra_headers.items())
             data = head.encode() + data
