@@ -31,6 +31,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -156,7 +157,7 @@ async def throughput(
 
 async def paced(
     url: str, batch: int, rate_per_s: float, seconds: float, keyed: bool
-) -> dict[str, float]:
+) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     interval_s = batch / rate_per_s
     count = max(1, int(seconds / interval_s))
