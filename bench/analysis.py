@@ -123,12 +123,25 @@ def rates_per_second(samples: Sequence[Sample]) -> list[tuple[float, float]]:
 
 
 _REPO = Path(__file__).resolve().parents[1]
+#: Innermost frames that are waits, not work: the event loop's epoll, and threads blocked in
+#: librdkafka (consume, producer poll) or a thread pool's queue.
+WAITS = (
+    "EpollSelector.select ",
+    "ConsumerLoop._call.<locals>.<lambda> ",
+    "AsyncProducer._serve ",
+    "SuppressionView._run ",
+    "CompactedReader._run ",
+    "_worker (concurrent/futures/thread.py)",
+)
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*)\)$")
 
 
 @dataclass(frozen=True)
 class ProfileSummary:
     samples: int
+    #: Share of samples whose innermost frame is a wait (epoll, librdkafka poll/consume):
+    #: py-spy's --nonblocking mode cannot always tell a waiting thread from a busy one.
+    idle_share: float
     top_self: list[tuple[str, float]]  # frame, share of samples
     top_total: list[tuple[str, float]]
     by_area: list[tuple[str, float]]
@@ -166,9 +179,11 @@ def area_of(file: str) -> str:
 def summarise_collapsed(lines: Sequence[str], top: int = 15) -> ProfileSummary:
     """py-spy's raw (collapsed) output: `frame;frame;...;leaf count` per line.
 
-    Self time goes to the leaf frame; total time to every distinct frame on the stack;
+    Samples that end in a wait (`WAITS`) are counted apart (`idle_share`); the shares below
+    are of the other, busy samples. Self time goes to the leaf frame; total time to every distinct frame on the stack;
     areas are charged by the innermost frame that belongs to a known area.
     """
+    idle = 0
     self_counts: Counter[str] = Counter()
     total_counts: Counter[str] = Counter()
     area_counts: Counter[str] = Counter()
@@ -182,6 +197,9 @@ def summarise_collapsed(lines: Sequence[str], top: int = 15) -> ProfileSummary:
         # py-spy puts the thread (and process) name first: "thread (0x…)" / "process 12:…".
         frames = [f for f in frames if not f.startswith(("process ", "thread "))]
         if not frames:
+            continue
+        if any(marker in frames[-1] for marker in WAITS):
+            idle += count
             continue
         samples += count
         self_counts[_short(frames[-1])] += count
@@ -198,7 +216,14 @@ def summarise_collapsed(lines: Sequence[str], top: int = 15) -> ProfileSummary:
     def shares(counter: Counter[str]) -> list[tuple[str, float]]:
         return [(k, round(v / samples, 4)) for k, v in counter.most_common(top)] if samples else []
 
-    return ProfileSummary(samples, shares(self_counts), shares(total_counts), shares(area_counts))
+    everything = samples + idle
+    return ProfileSummary(
+        samples,
+        round(idle / everything, 4) if everything else 0.0,
+        shares(self_counts),
+        shares(total_counts),
+        shares(area_counts),
+    )
 
 
 #: Frames on every stack (interpreter start, event loop, thread start): no information.

@@ -16,6 +16,7 @@ Two shapes of load, both bounded in count and time:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -43,6 +44,8 @@ HTTP_TIMEOUT_S = 30.0
 HTTP_CONNECTIONS = 64
 #: Open loop: past this many HTTP requests awaiting an answer, the generator is overloaded.
 MAX_OUTSTANDING_HTTP = 512
+#: Closed loop: most HTTP requests in flight at once.
+MAX_HTTP_PARALLEL = 32
 
 
 def body_text(size: int = TEXT_BYTES) -> str:
@@ -223,31 +226,45 @@ async def closed_loop(
     window: int,
     delivered: Callable[[], int],
     deadline: float,
-    http_parallel: int = 4,
 ) -> None:
     """Submit `total` recipients, `load.per_submission` per submission, keeping at most
-    `window` recipients accepted but not yet `delivered()` (as counted by the sink)."""
+    `window` recipients accepted but not yet `delivered()` (as counted by the sink).
+
+    Half the submissions go through `mail.submit`, half through HTTP: one feeder produces,
+    several post concurrently (enough to fill half the window), and neither path may run
+    more than the HTTP feeders' worth of submissions ahead of the other.
+    """
+    per = load.per_submission
+    http_parallel = max(2, min(MAX_HTTP_PARALLEL, window // (2 * per)))
+    lead = http_parallel * per
+    sent = {"kafka": 0, "http": 0}
+    numbers = itertools.count()
     load.started_t = time.time()
-    submitted = submission = 0
-    tasks: set[asyncio.Task[None]] = set()
-    async with submitter.client() as client:
-        while submitted < total and time.monotonic() < deadline:
-            if submitted - delivered() >= window or len(tasks) >= http_parallel:
-                await asyncio.sleep(0.02)
+
+    def may_submit(path: str) -> bool:
+        other = "http" if path == "kafka" else "kafka"
+        in_pipeline = sent["kafka"] + sent["http"] - delivered()
+        return in_pipeline < window and sent[path] - sent[other] < lead
+
+    async def feed(path: str, client: httpx.AsyncClient) -> None:
+        while sent["kafka"] + sent["http"] < total and time.monotonic() < deadline:
+            if not may_submit(path):
+                await asyncio.sleep(0.01)
                 continue
-            count = min(load.per_submission, total - submitted)
-            if submission % 2 == 0:
-                submitter.produce(load, submission, count)
+            count = min(per, total - sent["kafka"] - sent["http"])
+            sent[path] += count
+            if path == "kafka":
+                submitter.produce(load, next(numbers), count)
+                await asyncio.sleep(0)
             else:
-                task = asyncio.create_task(submitter.post(client, load, submission, count))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            submitted += count
-            submission += 1
-            await asyncio.sleep(0)
-        load.last_submit_t = time.time()
-        if tasks:
-            await asyncio.wait(tasks, timeout=max(1.0, deadline - time.monotonic()))
+                await submitter.post(client, load, next(numbers), count)
+        load.last_submit_t = max(load.last_submit_t, time.time())
+
+    async with submitter.client() as client:
+        feeders = [feed("kafka", client)] + [feed("http", client) for _ in range(http_parallel)]
+        await asyncio.wait_for(
+            asyncio.gather(*feeders), timeout=max(1.0, deadline - time.monotonic() + 60)
+        )
 
 
 async def open_loop(

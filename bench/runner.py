@@ -193,6 +193,12 @@ class Bench:
             "delivered_per_s": round(window.rate_per_s, 1),
             "cpu_ms_per_msg": round(window.cpu_ms_per_msg(names), 3),
             "cpu_ms_per_msg_by_process": self._cpu_breakdown(window, names),
+            "messages_per_smtp_connection": round(
+                window.delivered / max(1, window.last.connections - window.first.connections), 1
+            ),
+            "bytes_per_message": round(
+                (window.last.bytes - window.first.bytes) / max(1, window.delivered)
+            ),
             "window_s": round(window.seconds, 1),
             "window_messages": window.delivered,
             "machine_busy_cores": round(window.machine_busy_cores(), 2),
@@ -282,6 +288,17 @@ class Bench:
             "delivered_events": len(snapshot.delivered),
             "duplicate_delivered_events": snapshot.duplicates,
             "event_types": dict(snapshot.types),
+        }
+        accept_ms: dict[str, list[float]] = {"kafka": [], "http": []}
+        for path, scheduled_t, accepted_t in list(load.submissions.values()):
+            if accepted_t is not None:
+                accept_ms[path].append(1000 * (accepted_t - scheduled_t))
+        outcome["accept_ms"] = {
+            path: {
+                "p50": round(percentile(values, 0.5), 1),
+                "p99": round(percentile(values, 0.99), 1),
+            }
+            for path, values in accept_ms.items()
         }
         if load.errors:
             outcome["submit_errors"] = dict(load.errors)

@@ -37,6 +37,7 @@ class Sample:
     t: float  # epoch seconds of the sink's counters
     delivered: int  # messages the sink has received since it started
     bytes: int
+    connections: int  # SMTP connections the sink has accepted since it started
     cpu_s: dict[str, tuple[int, float]]  # name -> (pid, cumulative CPU seconds)
     rss_mib: dict[str, float]
     busy_s: float  # the whole machine's busy CPU seconds since boot
@@ -129,6 +130,7 @@ class Sampler:
             t=datetime.fromisoformat(counters["updated_at"]).timestamp(),
             delivered=int(counters["messages"]),
             bytes=int(counters["bytes"]),
+            connections=int(counters.get("connections", 0)),
             cpu_s=cpu,
             rss_mib=rss,
             busy_s=busy,
