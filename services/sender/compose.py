@@ -3,6 +3,11 @@
 Per-recipient `{{name}}` variables are substituted here, so a batch carries one body for many
 recipients. The Message-ID encodes message id and recipient index so a bounce that quotes the
 original headers can be matched to its recipient.
+
+Every recipient's copy starts with `List-Unsubscribe` (a signed one-click URL on ingest, and
+optionally a mailto) and `List-Unsubscribe-Post` (RFC 8058), when `MAILRAIL_PUBLIC_URL` is
+set. A raw message that already has its own List-Unsubscribe keeps it and gets none of ours.
+One copy shared by many recipients (`shared=True`) gets none: a one-click link is per address.
 """
 
 import base64
@@ -11,12 +16,19 @@ import re
 from email.message import EmailMessage
 from email.policy import SMTP, SMTPUTF8
 from email.utils import format_datetime, make_msgid
+from typing import Literal
 
 from schemas.addresses import address_of, domain_of
 from schemas.records import BatchRecipient, DeliveryBatch, utc_now
+from services.bounce.oneclick import OneClickLinks, default_links
 
 _VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
 _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_LIST_UNSUBSCRIBE = re.compile(rb"^list-unsubscribe:", re.IGNORECASE | re.MULTILINE)
+#: Links from this process's environment (`MAILRAIL_PUBLIC_URL`, `MAILRAIL_UNSUBSCRIBE_*`).
+FROM_ENVIRONMENT: Literal["environment"] = "environment"
+Links = OneClickLinks | None | Literal["environment"]
 
 
 def substitute(template: str, values: dict[str, str], escape: bool = False) -> str:
@@ -41,21 +53,42 @@ def personalised(batch: DeliveryBatch) -> bool:
     return any(r.vars for r in batch.recipients) or any("{{" in (p or "") for p in parts)
 
 
+def unsubscribe_lines(
+    batch: DeliveryBatch,
+    recipient: BatchRecipient,
+    links: Links = FROM_ENVIRONMENT,
+    extra_headers: dict[str, str] | None = None,
+) -> bytes:
+    """The recipient's List-Unsubscribe and List-Unsubscribe-Post lines, or nothing."""
+    resolved = default_links() if links == FROM_ENVIRONMENT else links
+    if not isinstance(resolved, OneClickLinks):
+        return b""
+    if any(name.lower() == "list-unsubscribe" for name in extra_headers or {}):
+        return b""
+    return resolved.headers(batch.tenant, batch.message_id, recipient.email)
+
+
 def compose(
     batch: DeliveryBatch,
     recipient: BatchRecipient,
     extra_headers: dict[str, str] | None = None,
     shared: bool = False,
+    links: Links = FROM_ENVIRONMENT,
 ) -> bytes:
     """The message as it goes on the wire: CRLF line ends, every line a full line.
 
     `shared`: one copy for every recipient of the batch (To: undisclosed recipients).
+    `links`: how to make the one-click unsubscribe link (None: no List-Unsubscribe).
     """
     content = batch.content
+    own = b"" if shared else unsubscribe_lines(batch, recipient, links, extra_headers)
     raw = content.raw_bytes()
     if raw is not None:
         head = "".join(f"{k}: {v}\r\n" for k, v in (extra_headers or {}).items()).encode()
-        return head + _crlf(raw)
+        end = _HEADER_END.search(raw)
+        if own and _LIST_UNSUBSCRIBE.search(raw[: end.start() if end else len(raw)]):
+            own = b""
+        return head + own + _crlf(raw)
     message = EmailMessage()
     message["From"] = batch.from_
     message["To"] = UNDISCLOSED if shared else recipient.email
@@ -84,7 +117,7 @@ def compose(
             filename=attachment.filename,
         )
     policy = SMTPUTF8 if not recipient.email.isascii() or not batch.from_.isascii() else SMTP
-    return message.as_bytes(policy=policy)
+    return own + message.as_bytes(policy=policy)
 
 
 def _crlf(data: bytes) -> bytes:
@@ -104,8 +137,9 @@ class Composer:
     otherwise each recipient's message is built in full.
     """
 
-    def __init__(self, batch: DeliveryBatch) -> None:
+    def __init__(self, batch: DeliveryBatch, links: Links = FROM_ENVIRONMENT) -> None:
         self._batch = batch
+        self._links = default_links() if links == FROM_ENVIRONMENT else links
         self._template: bytes | None = None
         simple = (
             batch.content.raw is None
@@ -115,7 +149,7 @@ class Composer:
         )
         if simple:
             stand_in = BatchRecipient(email=_TO_STAND_IN, index=0)
-            template = compose(batch, stand_in)
+            template = compose(batch, stand_in, links=None)
             own_id = message_id_for(batch, stand_in).encode()
             if template.count(_TO_STAND_IN.encode()) == 1 and template.count(own_id) == 1:
                 self._template = template.replace(own_id, _ID_STAND_IN.encode())
@@ -124,11 +158,12 @@ class Composer:
         self, recipient: BatchRecipient, extra_headers: dict[str, str] | None = None
     ) -> bytes:
         if self._template is None:
-            return compose(self._batch, recipient, extra_headers)
+            return compose(self._batch, recipient, extra_headers, links=self._links)
         data = self._template.replace(_TO_STAND_IN.encode(), recipient.email.encode(), 1)
         data = data.replace(
             _ID_STAND_IN.encode(), message_id_for(self._batch, recipient).encode(), 1
         )
+        data = unsubscribe_lines(self._batch, recipient, self._links, extra_headers) + data
         if extra_headers:
             head = "".join(f"{name}: {value}\r\n" for name, value in extra_headers.items())
             data = head.encode() + data
