@@ -68,6 +68,9 @@ SUPPRESSION = TOPIC_PREFIX + "mail.suppression"
 CONTROL = TOPIC_PREFIX + "mail.control"
 REJECTED = TOPIC_PREFIX + "mail.rejected"
 IDEMPOTENCY = TOPIC_PREFIX + "mail.idempotency"
+SOFT_BOUNCES = TOPIC_PREFIX + "mail.soft-bounces"
+#: How long `mail.soft-bounces` keeps its records: the longest soft-bounce window it can serve.
+SOFT_BOUNCE_RETENTION = timedelta(days=30)
 #: How long an Idempotency-Key is remembered (the contract), and how long Kafka keeps its record.
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 _IDEMPOTENCY_RETENTION_MS = 26 * 3600 * 1000
@@ -142,6 +145,17 @@ TOPICS: tuple[TopicSpec, ...] = (
             # One clock for every replica's lease and window decisions: the broker's.
             "message.timestamp.type": "LogAppendTime",
         },
+    ),
+    # Soft bounces re-keyed by address, so one bounce-service member counts all of an
+    # address's soft bounces (mail.events is keyed by message id); see services/bounce/soft.py.
+    TopicSpec(
+        "mail.soft-bounces",
+        "tenant/address",
+        DeliveryEvent,
+        8,
+        ("bounce",),
+        ("bounce",),
+        retention_ms=int(SOFT_BOUNCE_RETENTION.total_seconds() * 1000),
     ),
     TopicSpec(
         "mail.rejected",

@@ -175,6 +175,11 @@ class RejectedHeaders(StrEnum):
     SOURCE_TOPIC = "mailrail-source-topic"
     SOURCE_PARTITION = "mailrail-source-partition"
     SOURCE_OFFSET = "mailrail-source-offset"
+    #: A report received over SMTP and kept because it could not be understood (the record's
+    #: key is the report id of its `unparsed` event): its envelope and the peer it came from.
+    SMTP_MAIL_FROM = "mailrail-smtp-mail-from"
+    SMTP_RCPT_TO = "mailrail-smtp-rcpt-to"
+    SMTP_PEER = "mailrail-smtp-peer"
 
 
 class IdempotencyState(StrEnum):
