@@ -13,6 +13,7 @@ from schemas.records import (
     DeliveryBatch,
     DeliveryEvent,
     IdempotencyRecord,
+    LedgerEntry,
     Submission,
     Suppression,
 )
@@ -69,6 +70,7 @@ CONTROL = TOPIC_PREFIX + "mail.control"
 REJECTED = TOPIC_PREFIX + "mail.rejected"
 IDEMPOTENCY = TOPIC_PREFIX + "mail.idempotency"
 SOFT_BOUNCES = TOPIC_PREFIX + "mail.soft-bounces"
+LEDGER = TOPIC_PREFIX + "mail.ledger"
 #: How long `mail.soft-bounces` keeps its records: the longest soft-bounce window it can serve.
 SOFT_BOUNCE_RETENTION = timedelta(days=30)
 #: How long an Idempotency-Key is remembered (the contract), and how long Kafka keeps its record.
@@ -156,6 +158,18 @@ TOPICS: tuple[TopicSpec, ...] = (
         ("bounce",),
         ("bounce",),
         retention_ms=int(SOFT_BOUNCE_RETENTION.total_seconds() * 1000),
+    ),
+    # The delivery ledger: written right after each remote 2xx, read back by every sender
+    # of the pool, so a batch read again after a crash skips recipients already delivered.
+    # Keys are unique (nothing to compact): the newest records are what a sender reads back.
+    TopicSpec(
+        "mail.ledger",
+        "pool/message id/recipient index",
+        LedgerEntry,
+        8,
+        ("sender",),
+        ("sender",),
+        retention_ms=2 * _DAY_MS,
     ),
     TopicSpec(
         "mail.rejected",

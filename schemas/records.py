@@ -212,6 +212,22 @@ class IdempotencyRecord(_Record):
     lease_s: float = Field(default=30.0, gt=0)
 
 
+class LedgerEntry(_Record):
+    """`mail.ledger` (key `pool/message id/recipient index`): a receiving server answered 2xx
+    for this recipient. A sender that reads the same batch again (after a crash before its
+    commit) does not send to the recipient again (see services/sender/ledger.py)."""
+
+    message_id: MessageId
+    index: int = Field(ge=0, description="the recipient's position in the accepted message")
+    pool: str
+    ts: datetime = Field(default_factory=utc_now)
+
+
+def ledger_key(pool: str, message_id: str, index: int) -> str:
+    """The key of a `mail.ledger` record."""
+    return f"{pool}/{message_id}/{index}"
+
+
 def idempotency_key(tenant: str, key: str) -> str:
     """The compaction key of `mail.idempotency`."""
     return f"{tenant}/{key}"
