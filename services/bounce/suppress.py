@@ -1,7 +1,13 @@
 """Pure suppression decisions: which delivery events stop future mail to an address."""
 
+import logging
+
+from pydantic import ValidationError
+
 from schemas.categories import ADDRESS_CATEGORIES
 from schemas.records import DeliveryEvent, EventType, Suppression, SuppressionReason
+
+log = logging.getLogger(__name__)
 
 _REASON_BY_TYPE = {
     EventType.COMPLAINED: SuppressionReason.COMPLAINT,
@@ -30,12 +36,20 @@ def suppression_for(event: DeliveryEvent) -> Suppression | None:
         detail = " ".join(
             part for part in (str(event.smtp.code), event.smtp.enhanced, event.smtp.text) if part
         )
-    return Suppression(
-        tenant=event.tenant,
-        address=event.recipient,
-        reason=reason,
-        created_at=event.ts,
-        source_message_id=event.message_id or None,
-        source_event=event.type,
-        detail=detail,
-    )
+    try:
+        return Suppression(
+            tenant=event.tenant,
+            address=event.recipient,
+            reason=reason,
+            created_at=event.ts,
+            source_message_id=event.message_id or None,
+            source_event=event.type,
+            detail=detail,
+        )
+    except ValidationError:
+        # A report can name an address we would never have accepted (`user@localhost`).
+        log.warning(
+            "not suppressing an invalid address",
+            extra={"tenant": event.tenant, "recipient": event.recipient, "type": event.type},
+        )
+        return None
