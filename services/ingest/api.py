@@ -23,6 +23,7 @@ from services.ingest.publish import KeyConflict, KeyInProgress, Publisher, Unava
 from services.ingest.ratelimit import RateLimiter
 from services.ingest.status import StatusView
 from services.ingest.suppressions import suppression_routes
+from services.ingest.unsubscribe import unsubscribe_router
 from services.runtime.health import Health
 from services.runtime.http import health_routes
 
@@ -177,6 +178,7 @@ def create_app(deps: IngestDeps) -> FastAPI:
     )
     for route in suppressions:
         app.router.routes.append(route)
+    app.include_router(unsubscribe_router(deps.publisher))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
