@@ -37,6 +37,9 @@ MX_HOST_ADDRESS = "127.0.0.7"
 DKIM_KEYS = {"signed.example": ["s1.rsa", "s2.ed25519"], "mailrail.test": ["p1.rsa"]}
 DKIM_CONFIG = {"platform_domains": ["mailrail.test"]}
 RETRY_SCHEDULE_S = "[1, 1, 1]"
+#: Shared by sender and bounce (return paths) and by sender, ingest and bounce (one-click).
+VERP_KEY = "integration-test-verp-key-0001"
+UNSUBSCRIBE_KEY = "integration-test-unsubscribe-key-0001"
 MAX_AGE_S = "12"
 MAX_MESSAGE_BYTES = 1024 * 1024
 
@@ -128,8 +131,11 @@ def stack(
         "MAILRAIL_DRAIN_TIMEOUT_S": "20",
         "MAILRAIL_PAUSE_RECHECK_S": "2",
         "MAILRAIL_BUSY_HOLD_S": "2",
+        "MAILRAIL_VERP_KEY": VERP_KEY,
+        "MAILRAIL_UNSUBSCRIBE_KEY": UNSUBSCRIBE_KEY,
     }
     http_addr = f"127.0.0.1:{free_port()}"
+    common["MAILRAIL_PUBLIC_URL"] = f"http://{http_addr}"
 
     def service(name: str, module: str, **extra: str) -> ServiceProcess:
         admin = extra.get("MAILRAIL_HTTP_ADDR") or f"127.0.0.1:{free_port()}"
@@ -159,7 +165,9 @@ def stack(
             MAILRAIL_DNS=dns.address,
             MAILRAIL_SMTP_PORT=str(mx.port),
         ),
-        "bounce": service("bounce", "services.bounce"),
+        "bounce": service(
+            "bounce", "services.bounce", MAILRAIL_BOUNCE_SMTP_ADDR=f"127.0.0.1:{free_port()}"
+        ),
     }
     try:
         for process in services.values():
