@@ -24,6 +24,7 @@ from services.sender.controls import ControlView
 from services.sender.deliver import Deliverer, DeliveryPolicy
 from services.sender.dkim import DkimSigner
 from services.sender.dkim_keys import DkimKeyError, load_keyring
+from services.sender.ledger import DeliveryLedger
 from services.sender.settings import SenderSettings
 from services.sender.smtp import SmtpOptions, SmtpPool
 
@@ -124,6 +125,11 @@ async def main(settings: SenderSettings, stop: asyncio.Event) -> None:
     deliverer, smtp = build_deliverer(settings, controls)
     await asyncio.to_thread(controls.wait_ready, 30.0)
     producer = AsyncProducer(settings.producer_config())
+    ledger = DeliveryLedger(settings.kafka_common(), settings.producer_config(), settings.pool)
+    ledger.start()
+    if not await asyncio.to_thread(ledger.wait_ready, 60.0):
+        raise SystemExit("the delivery ledger (mail.ledger) could not be read: see the log")
+    deliverer.ledger = ledger
     watch = build_watch(settings, producer)
 
     async def on_batch(message: Message) -> Sequence[Output]:
@@ -149,6 +155,7 @@ async def main(settings: SenderSettings, stop: asyncio.Event) -> None:
     finally:
         await smtp.close()
         producer.close()
+        ledger.stop()
         controls.stop()
 
 

@@ -36,6 +36,7 @@ from services.sender import metrics
 from services.sender.compose import Composer, compose, personalised
 from services.sender.controls import Controls, scope_for
 from services.sender.dkim import DkimSigner
+from services.sender.ledger import LEDGER_REPLY, DeliveryLedger
 from services.sender.retry import expired, next_delay, tier_for
 from services.sender.shaping import Clock, Destination, Destinations, ReplyPatterns, Signal
 from services.sender.smtp import ConnectFailed, SmtpPool, SmtpSession
@@ -105,8 +106,21 @@ class Deliverer:
         #: update count then). Once mail.control has a newer record for the scope — the echo,
         #: or an operator's resume — the control view alone decides.
         self._own_pauses: dict[str, tuple[datetime, int]] = {}
+        #: Set by the entry: recipients it knows were delivered are not sent again.
+        self.ledger: DeliveryLedger | None = None
 
     async def deliver(self, batch: DeliveryBatch) -> list[Output]:
+        """Deliver the batch, minus recipients the delivery ledger knows were delivered."""
+        if self.ledger is None:
+            return await self._deliver(batch)
+        known, rest = self.ledger.split(batch)
+        outputs = self._records(batch, [Outcome(r, LEDGER_REPLY, None) for r in known])
+        if rest is not None:
+            outputs += await self._deliver(rest)
+            await self.ledger.settle(rest)
+        return outputs
+
+    async def _deliver(self, batch: DeliveryBatch) -> list[Output]:
         refusal = self._signer.refusal(batch) if self._signer else None
         if refusal is not None:
             held = "unsigned: held, the tenant requires DKIM"
@@ -259,6 +273,8 @@ class Deliverer:
             )
             started = self._clock()
             result = await session.send(return_path, recipient.email, data)
+            if self.ledger is not None:
+                await self.ledger.record(batch, [(recipient, result.reply)])
             metrics.SMTP_SECONDS.labels(batch.pool).observe(self._clock() - started)
             destination.note_send()
             signal = self._patterns.signal(result.reply)
@@ -302,6 +318,9 @@ class Deliverer:
         results = await session.send_many(
             f"bounces@{self._policy.bounce_domain}", [r.email for r in recipients], data
         )
+        if self.ledger is not None:
+            replies = [(r, x.reply) for r, x in zip(recipients, results, strict=True)]
+            await self.ledger.record(batch, replies)
         metrics.SMTP_SECONDS.labels(batch.pool).observe(self._clock() - started)
         for recipient, result in zip(recipients, results, strict=True):
             destination.note_send()

@@ -1,0 +1,338 @@
+"""The delivery ledger: recipients a receiving server already answered 2xx for.
+
+A sender commits a record's offset only after the record's events are written. One that dies
+between a remote 250 and that commit leaves the record to be read again — by its restart or
+by another member of the pool — and the recipients it had delivered would be sent twice.
+So, right after each 2xx, the sender writes `pool/message id/recipient index` to `mail.ledger`;
+every sender reads the newest `max_entries` of those records back at start (before it takes
+work) and then follows the topic, into a bounded in-memory set. A batch's recipients found in
+the set are not sent again: their `delivered` event is written again, marked as coming from
+the ledger.
+
+Ordering: ledger writes go out at once (their own producer, no linger) but are not awaited
+one by one (the next recipient goes out meanwhile); a batch's outputs, and so its commit,
+wait for its ledger writes (`settle`). A record is read
+again by another member only after this one's session expired, long after its acknowledged
+ledger writes reached every follower; a restarted member loads them before it consumes.
+
+What is left, and measured (chaos scenario 4): a crash between a 250 and the acknowledgement
+of its ledger write sends that recipient again. A ledger write that fails is logged and
+counted, never fatal: the mail was delivered, failing the batch would send it again.
+
+`MAILRAIL_TEST_CRASH_AFTER_250` is a test hook (chaos scenario 4): `N` (an integer) ends the
+process on its N-th remote 2xx, `p` (below 1) after each 2xx with probability p; with
+`MAILRAIL_TEST_CRASH_POINT=after-ledger` the process ends once that recipient's ledger write
+is acknowledged, otherwise (`before-ledger`) before it is written. Never set it in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from prometheus_client import Counter
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.catalogue import LEDGER
+from schemas.records import (
+    BatchRecipient,
+    DeliveryBatch,
+    LedgerEntry,
+    SmtpReply,
+    ledger_key,
+)
+from services.runtime.producer import AsyncProducer
+
+log = logging.getLogger(__name__)
+
+POLL_TIMEOUT_S = 0.1
+METADATA_TIMEOUT_S = 10.0
+#: 96 bits of BLAKE2b per key: at a million entries a look-up is a false hit (a recipient
+#: taken for delivered) with probability 1e-23.
+DIGEST_BYTES = 12
+#: Ledger writes remembered until their batch settles, before finished ones are dropped.
+MAX_PENDING = 100_000
+#: The exit status of the crash hook (EX_SOFTWARE).
+CRASH_EXIT_STATUS = 70
+#: The reply a recipient found in the ledger is reported with.
+LEDGER_REPLY = SmtpReply(
+    code=250, enhanced="2.0.0", text="delivered before a restart (delivery ledger): not sent again"
+)
+
+HITS = Counter(
+    "mailrail_ledger_hits_total", "Recipients not sent again: the ledger knew them", ["pool"]
+)
+WRITE_FAILURES = Counter(
+    "mailrail_ledger_write_failures_total", "Ledger writes Kafka did not acknowledge", ["pool"]
+)
+
+
+class LedgerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MAILRAIL_", frozen=True, extra="ignore")
+
+    #: Off: no ledger writes, no look-ups (a crash before the commit then sends twice).
+    ledger: bool = True
+    #: The newest entries a sender keeps (and reads back at start); ~70 bytes each.
+    ledger_max_entries: int = 500_000
+    test_crash_after_250: str | None = None
+    test_crash_point: Literal["before-ledger", "after-ledger"] = "before-ledger"
+
+
+class _CrashHook:
+    """Ends the process on the n-th 2xx, or after each with a probability (tests only)."""
+
+    def __init__(self, spec: str, point: str) -> None:
+        value = float(spec)
+        self.count = int(value) if value >= 1 else None
+        self.probability = value if value < 1 else None
+        self.point = point
+        self.seen = 0
+
+    def due(self) -> bool:
+        self.seen += 1
+        if self.count is not None:
+            return self.seen >= self.count
+        return random.random() < (self.probability or 0.0)
+
+    def crash(self, key: str, unacked: list[str]) -> None:
+        """Exit now, naming the ledger writes not yet acknowledged (they may be lost)."""
+        sys.stderr.write(
+            f"MAILRAIL-TEST-CRASH point={self.point} key={key} unacked={len(unacked)} "
+            f"unacked_keys={','.join(unacked)} after={self.seen} at={time.time():.6f}\n"
+        )
+        sys.stderr.flush()
+        os._exit(CRASH_EXIT_STATUS)
+
+
+class _KeySet:
+    """The newest `limit` keys, as 96-bit digests; thread-safe for one writer."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = max(1, limit)
+        self._keys: set[int] = set()
+        self._order: deque[int] = deque()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def digest(key: str) -> int:
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=DIGEST_BYTES).digest())
+
+    def add(self, key: str) -> None:
+        digest = self.digest(key)
+        with self._lock:
+            if digest in self._keys:
+                return
+            self._keys.add(digest)
+            self._order.append(digest)
+            if len(self._order) > self._limit:
+                self._keys.discard(self._order.popleft())
+
+    def __contains__(self, key: str) -> bool:
+        return self.digest(key) in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class DeliveryLedger:
+    """Construct inside the event loop (it owns a producer); `start()`, `wait_ready()`."""
+
+    def __init__(
+        self,
+        kafka_config: dict[str, Any],
+        producer_config: dict[str, Any],
+        pool: str,
+        settings: LedgerSettings | None = None,
+        topic: str = LEDGER,
+    ) -> None:
+        self.settings = settings or LedgerSettings()
+        self._pool = pool
+        # Its own producer, sending at once (no linger): a ledger write leaves the process
+        # within the next transaction, so a crash loses as few of them as it can.
+        self._producer = AsyncProducer(producer_config | {"linger.ms": 0})
+        self._topic = topic
+        self._keys = _KeySet(self.settings.ledger_max_entries)
+        self._prefix = f"{pool}/"
+        self._pending: dict[str, asyncio.Future[Any]] = {}
+        hook = self.settings.test_crash_after_250
+        self._hook = _CrashHook(hook, self.settings.test_crash_point) if hook else None
+        self._config = kafka_config | {
+            "group.id": f"mailrail-ledger-view-{pool}-{os.getpid()}-{time.monotonic_ns()}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+        }
+        self._caught_up = threading.Event()
+        #: Set once the view is loaded or has failed: `wait_ready` returns then.
+        self._settled = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="ledger-view", daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.settings.ledger:
+            self._thread.start()
+        else:
+            self._caught_up.set()
+            self._settled.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._producer.close()
+
+    @property
+    def ready(self) -> bool:
+        return self._caught_up.is_set()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """True once loaded; False on timeout or when the view failed (it logged why)."""
+        self._settled.wait(timeout_s)
+        return self.ready
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    # -- the sender's calls -----------------------------------------------------------------
+
+    def split(self, batch: DeliveryBatch) -> tuple[list[BatchRecipient], DeliveryBatch | None]:
+        """(recipients already delivered, the batch of the others or None if none is left)."""
+        if not self.settings.ledger:
+            return [], batch
+        known = [
+            r
+            for r in batch.recipients
+            if ledger_key(self._pool, batch.message_id, r.index) in self._keys
+        ]
+        if not known:
+            return [], batch
+        HITS.labels(self._pool).inc(len(known))
+        log.info(
+            "recipients already delivered (ledger): not sent again",
+            extra={"message_id": batch.message_id, "recipients": len(known)},
+        )
+        rest = [r for r in batch.recipients if r not in known]
+        return known, (batch.model_copy(update={"recipients": rest}) if rest else None)
+
+    async def record(
+        self, batch: DeliveryBatch, results: Sequence[tuple[BatchRecipient, SmtpReply]]
+    ) -> None:
+        """Right after a transaction: ledger every recipient the server accepted (2xx)."""
+        for recipient, reply in results:
+            if reply.code >= 400:
+                continue
+            key = ledger_key(self._pool, batch.message_id, recipient.index)
+            crash = self._hook is not None and self._hook.due()
+            if (
+                crash
+                and self._hook is not None
+                and (self._hook.point == "before-ledger" or not self.settings.ledger)
+            ):
+                self._hook.crash(key, self._unacked())
+            if not self.settings.ledger:
+                continue
+            entry = LedgerEntry(message_id=batch.message_id, index=recipient.index, pool=self._pool)
+            future = self._producer.send(
+                self._topic, entry.model_dump_json().encode(), key.encode()
+            )
+            self._pending[key] = future
+            if len(self._pending) > MAX_PENDING:
+                # Batches cancelled on revoke never settle: forget their finished writes.
+                self._pending = {k: f for k, f in self._pending.items() if not f.done()}
+            if crash and self._hook is not None:
+                await asyncio.wait([future])
+                self._hook.crash(key, self._unacked())
+
+    async def settle(self, batch: DeliveryBatch) -> None:
+        """Wait for the batch's ledger writes; a failed one is logged, never raised."""
+        futures = [
+            (key, future)
+            for r in batch.recipients
+            if (
+                future := self._pending.pop(
+                    key := ledger_key(self._pool, batch.message_id, r.index), None
+                )
+            )
+            is not None
+        ]
+        if not futures:
+            return
+        await asyncio.wait([f for _, f in futures])
+        for key, future in futures:
+            if future.exception() is not None:
+                WRITE_FAILURES.labels(self._pool).inc()
+                log.warning(
+                    "ledger write failed: a crash before the commit would send again",
+                    extra={"key": key, "error": str(future.exception())},
+                )
+
+    def _unacked(self) -> list[str]:
+        return [key for key, future in self._pending.items() if not future.done()]
+
+    # -- the view -----------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        """Read the newest entries of every partition, then follow the topic."""
+        consumer = Consumer(self._config)
+        try:
+            partitions = list(
+                consumer.list_topics(self._topic, timeout=METADATA_TIMEOUT_S)
+                .topics[self._topic]
+                .partitions
+            )
+            if not partitions:
+                raise RuntimeError(f"topic {self._topic} does not exist")
+            per_partition = max(1, self.settings.ledger_max_entries // len(partitions))
+            targets: dict[int, int] = {}
+            assignment = []
+            for partition in partitions:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(self._topic, partition), timeout=METADATA_TIMEOUT_S
+                )
+                start = max(low, high - per_partition)
+                if high > start:
+                    targets[partition] = high
+                assignment.append(TopicPartition(self._topic, partition, start))
+            consumer.assign(assignment)
+            started = time.monotonic()
+            while not self._stop.is_set():
+                for message in consumer.consume(500, POLL_TIMEOUT_S):
+                    partition = int(message.partition() or 0)
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            targets.pop(partition, None)
+                        else:
+                            log.warning("ledger read error", extra={"error": str(error)})
+                        continue
+                    key = message.key()
+                    if key is not None and message.value() is not None:
+                        text = key.decode("utf-8", "replace")
+                        if text.startswith(self._prefix):
+                            self._keys.add(text)
+                    if int(message.offset() or 0) + 1 >= targets.get(partition, 0):
+                        targets.pop(partition, None)
+                if not targets and not self._caught_up.is_set():
+                    self._caught_up.set()
+                    self._settled.set()
+                    log.info(
+                        "ledger loaded",
+                        extra={"entries": len(self._keys), "s": time.monotonic() - started},
+                    )
+        except Exception:
+            log.exception("ledger view stopped")
+        finally:
+            self._settled.set()
+            consumer.close()
