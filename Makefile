@@ -45,6 +45,10 @@ test-unit: $(STAMP) ## Run the unit tests (no broker)
 test-integration: kafka-up ## Run the integration tests (real Kafka, SMTP and DNS on loopback)
 	$(PY) -m pytest -q tests/integration
 
+.PHONY: chaos
+chaos: kafka-up ## Fault injection at full size (loopback, bounded): lost and duplicated mail per scenario (CHAOS_ARGS="--only 3,4")
+	$(PY) -m chaos $(CHAOS_ARGS)
+
 .PHONY: lint
 lint: $(STAMP) ## ruff and mypy --strict
 	$(VENV)/bin/ruff check .
