@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 from pydantic import ValidationError
 
 from schemas.records import FINAL_EVENT_TYPES, DeliveryEvent, EventType
@@ -43,16 +44,24 @@ class EventReader:
         partitions = (
             self._consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S).topics[topic].partitions
         )
+        self._admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+        self._partitions = list(partitions)
+        self._positions: dict[int, int] = {}
         self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         self.events: list[DeliveryEvent] = []
         self.unparsable = 0
         self.raw: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
 
     def poll(self, budget_s: float = POLL_S) -> int:
-        """Read what is there (for up to `budget_s`); returns how many records were new."""
+        """Read everything written before this call (up to `budget_s`); returns how many
+        records were new."""
         new = 0
         end = time.monotonic() + budget_s
-        while True:
+        targets = {}
+        for partition, (low, high) in self._watermarks().items():
+            if high > max(low, self._positions.get(partition, 0)):
+                targets[partition] = high
+        while targets and time.monotonic() < end:
             batch = self._consumer.consume(1000, max(0.0, min(POLL_S, end - time.monotonic())))
             for message in batch:
                 error = message.error()
@@ -60,6 +69,10 @@ class EventReader:
                     if error.code() != KafkaError._PARTITION_EOF:
                         raise RuntimeError(f"reading {self.topic}: {error}")
                     continue
+                partition = int(message.partition() or 0)
+                self._positions[partition] = int(message.offset() or 0) + 1
+                if self._positions[partition] >= targets.get(partition, 0):
+                    targets.pop(partition, None)
                 new += 1
                 value = message.value()
                 raw_headers: list[tuple[str, bytes | None]] = message.headers() or []  # type: ignore[assignment]
@@ -69,8 +82,18 @@ class EventReader:
                     self.events.append(DeliveryEvent.model_validate_json(value or b""))
                 except ValidationError:
                     self.unparsable += 1
-            if not batch or time.monotonic() >= end:
-                return new
+        return new
+
+    def _watermarks(self) -> dict[int, tuple[int, int]]:
+        """(low, high) per partition, asked on the admin client's own connection (a query on
+        the consumer's would wait behind its fetches, or disturb them)."""
+        found: dict[int, list[int]] = {}
+        for kind in (OffsetSpec.earliest(), OffsetSpec.latest()):  # type: ignore[no-untyped-call]
+            spec = {TopicPartition(self.topic, p): kind for p in self._partitions}
+            futures = self._admin.list_offsets(spec, request_timeout=METADATA_TIMEOUT_S)
+            for tp, future in futures.items():
+                found.setdefault(tp.partition, []).append(int(future.result().offset))
+        return {p: (offsets[0], offsets[1]) for p, offsets in found.items()}
 
     def close(self) -> None:
         self._consumer.close()

@@ -6,7 +6,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from chaos.load import Body, LoadResult, message, recipients_for
 from chaos.oracle import EventReader, Join, Verdict, judge, wait_final
@@ -26,9 +26,14 @@ def sink_server(
         server.stop()
 
 
+class HasAddress(Protocol):
+    @property
+    def address(self) -> str: ...
+
+
 def relay_stack(
     scenario: str,
-    sink: RunningSmtpServer,
+    sink: HasAddress,
     *,
     senders: int = 1,
     bounce: bool = False,
