@@ -12,6 +12,7 @@ from schemas.records import (
     ControlCommand,
     DeliveryBatch,
     DeliveryEvent,
+    DestinationStats,
     IdempotencyRecord,
     LedgerEntry,
     Submission,
@@ -71,6 +72,7 @@ REJECTED = TOPIC_PREFIX + "mail.rejected"
 IDEMPOTENCY = TOPIC_PREFIX + "mail.idempotency"
 SOFT_BOUNCES = TOPIC_PREFIX + "mail.soft-bounces"
 LEDGER = TOPIC_PREFIX + "mail.ledger"
+STATS = TOPIC_PREFIX + "mail.stats"
 #: How long `mail.soft-bounces` keeps its records: the longest soft-bounce window it can serve.
 SOFT_BOUNCE_RETENTION = timedelta(days=30)
 #: How long an Idempotency-Key is remembered (the contract), and how long Kafka keeps its record.
@@ -170,6 +172,18 @@ TOPICS: tuple[TopicSpec, ...] = (
         ("sender",),
         ("sender",),
         retention_ms=2 * _DAY_MS,
+    ),
+    # Each sender's periodic snapshot of the destinations it owns, read by `mailrail queues`
+    # and ingest's status page; one record per pool/destination survives compaction.
+    TopicSpec(
+        "mail.stats",
+        "pool/destination",
+        DestinationStats,
+        1,
+        ("sender",),
+        ("operators", "ingest"),
+        compacted=True,
+        config={"segment.ms": str(3600 * 1000), "min.cleanable.dirty.ratio": "0.1"},
     ),
     TopicSpec(
         "mail.rejected",

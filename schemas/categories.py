@@ -21,6 +21,8 @@ class Category(StrEnum):
     EXPIRED = "expired"
     COMPLAINT = "complaint"
     UNSUBSCRIBE = "unsubscribe"
+    #: Bounced by an operator's purge of queued mail (`mailrail purge`), never offered.
+    PURGED = "purged"
     OTHER = "other"
 
 

@@ -153,17 +153,85 @@ class Suppression(_Record):
 class ControlAction(StrEnum):
     PAUSE = "pause"
     QUOTA = "quota"
+    #: Re-publish the matching batches to `to_pool`'s outbound topic (while in force).
+    MOVE = "move"
+    #: Bounce (category `purged`) the matching batches accepted before `created_at`.
+    PURGE = "purge"
 
 
 class ControlCommand(_Record):
-    """`mail.control` (compacted, key = scope such as `domain:gmail.com@pool:marketing`)."""
+    """`mail.control` (compacted, key = scope such as `domain:gmail.com@pool:marketing`).
+
+    A pause is keyed by its bare scope; the other actions add a `control:<action>` part to the
+    key (a label that does not narrow the scope), so a destination can be paused and have a
+    quota override at the same time. A tombstone removes the command.
+    """
 
     scope: str = Field(min_length=1, max_length=300)
     action: ControlAction
     messages_per_s: float | None = Field(default=None, gt=0)
+    #: MOVE only: the pool whose outbound topic receives the batches.
+    to_pool: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]*$")
     expires_at: datetime | None = None
     reason: str | None = None
     created_at: datetime = Field(default_factory=utc_now)
+
+
+class LastReply(_Record):
+    """One reply a destination's servers gave (or a connection or DNS failure as a reply)."""
+
+    ts: datetime
+    code: int
+    enhanced: str | None = None
+    text: str = ""
+    mx: str | None = None
+
+
+class DestinationStats(_Record):
+    """`mail.stats` (compacted, key `pool/destination`): a sender's periodic snapshot of one
+    destination (throttle key) it owns, for `mailrail queues` and the status page."""
+
+    pool: str
+    destination: str
+    #: The sender process that wrote it (`host/pid`).
+    sender: str
+    ts: datetime = Field(default_factory=utc_now)
+    #: How often this sender writes snapshots: one older than a few intervals is stale.
+    interval_s: float = Field(gt=0)
+    #: Measured send rate over the last window.
+    rate_per_s: float = 0.0
+    #: Rate in force after rules, operator override and backoff; None = unlimited.
+    quota_per_s: float | None = None
+    #: The operator's quota override in force, if any.
+    override_per_s: float | None = None
+    #: Share of configured rate and concurrency in force (1 = no backoff).
+    backoff_factor: float = 1.0
+    #: Throttling replies seen since the sender started.
+    throttled: int = 0
+    connections_in_use: int = 0
+    max_connections: int = 0
+    #: Batches this sender is delivering (or waiting for a connection) right now.
+    in_progress: int = 0
+    #: Batches this sender put in a delay topic (held for pause/quota/busy, or deferred) and
+    #: has not read back yet: an estimate (a batch dropped or expired on the way is counted
+    #: until the sender restarts).
+    held: int = 0
+    #: Unread batches of the outbound partition this destination is keyed to (consumer lag):
+    #: shared by every destination on that partition. None until known.
+    partition: int | None = None
+    partition_backlog: int | None = None
+    paused_until: datetime | None = None
+    pause_reason: str | None = None
+    #: Recipients by outcome of their last attempt here, since the sender started.
+    delivered: int = 0
+    deferred: int = 0
+    bounced: int = 0
+    last_replies: list[LastReply] = Field(default_factory=list)
+
+
+def stats_key(pool: str, destination: str) -> str:
+    """The compaction key of `mail.stats`."""
+    return f"{pool}/{destination}"
 
 
 class RejectedHeaders(StrEnum):
