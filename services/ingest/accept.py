@@ -11,6 +11,7 @@ from schemas.api import MessageAccepted, MessageRequest, RecipientStatus
 from schemas.catalogue import EVENTS
 from schemas.records import AcceptedMessage, AcceptedRecipient, EventType, utc_now
 from schemas.rules import Rules
+from services.runtime import metrics
 from services.runtime.loop import Output
 
 #: The sender's `{{name}}` placeholders (services/sender/compose.py).
@@ -119,6 +120,7 @@ def accepted_events(message: AcceptedMessage) -> list[Output]:
         "tags": message.tags,
     }
     key = message.id.encode()
+    metrics.EVENTS.labels(EventType.ACCEPTED.value, message.pool).inc(len(message.recipients))
     return [
         Output(EVENTS, orjson.dumps(common | {"recipient": r.email}), key)
         for r in message.recipients

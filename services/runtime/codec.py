@@ -11,6 +11,7 @@ from schemas.records import (
     ControlCommand,
     DeliveryBatch,
     DeliveryEvent,
+    EventType,
     Suppression,
     suppression_key,
 )
@@ -26,6 +27,8 @@ def encode(model: BaseModel) -> bytes:
 
 def event_output(event: DeliveryEvent) -> Output:
     metrics.EVENTS.labels(event.type.value, event.pool).inc()
+    if event.type is EventType.BOUNCED:
+        metrics.BOUNCES.labels(event.pool, str(event.category or "other")).inc()
     return Output(EVENTS, encode(event), event.message_id)
 
 

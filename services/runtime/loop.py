@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from opentelemetry.trace import Span
 
-from schemas.catalogue import REJECTED
+from schemas.catalogue import REJECTED, SUBMIT
 from schemas.records import RejectedHeaders
-from services.runtime import metrics
+from services.runtime import lag, metrics, tracing
 from services.runtime.health import Health
 from services.runtime.producer import AsyncProducer, DeliveryFailed, Headers
 
@@ -120,6 +121,8 @@ class ConsumerLoop:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"consumer-{name}")
         self._consumer: Consumer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: (topic, partition) → unread records, refreshed every `lag.INTERVAL_S`.
+        self.lag: dict[tuple[str, int], int] = {}
 
     @property
     def assigned(self) -> list[tuple[str, int]]:
@@ -139,7 +142,7 @@ class ConsumerLoop:
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
-        last_commit = time.monotonic()
+        last_commit = last_lag = time.monotonic()
         try:
             while not stop.is_set() and self._fatal is None:
                 room = max(1, min(CONSUME_BATCH, self._max_in_flight - self._in_flight))
@@ -151,6 +154,9 @@ class ConsumerLoop:
                 if time.monotonic() - last_commit >= self._commit_interval_s:
                     await self._commit()
                     last_commit = time.monotonic()
+                if time.monotonic() - last_lag >= lag.INTERVAL_S:
+                    self.lag = await self._call(lag.measure, consumer, self.name)
+                    last_lag = time.monotonic()
             await self._drain_all()
         finally:
             if self._fatal is None:
@@ -182,10 +188,20 @@ class ConsumerLoop:
         task.add_done_callback(state.tasks.discard)
 
     async def _process(self, message: Message, key: tuple[str, int], offset: int) -> None:
+        # Outputs are written inside the span: they carry its context (see tracing.py).
+        with tracing.consume_span(
+            key[0], message.headers(), self.name, message.key(), root=key[0] == SUBMIT
+        ) as span:
+            await self._process_in(message, key, offset, span)
+
+    async def _process_in(
+        self, message: Message, key: tuple[str, int], offset: int, span: Span
+    ) -> None:
         try:
             try:
                 outputs: Sequence[Output] = await self._handler(message)
             except BadRecord as bad:
+                tracing.fail(span, bad.reason)
                 log.warning(
                     "bad record rejected",
                     extra={
@@ -294,7 +310,9 @@ class ConsumerLoop:
         await self._drain(list(self._partitions))
 
     def _drop(self, keys: Sequence[tuple[str, int]]) -> None:
+        lag.forget(self.name, keys)
         for key in keys:
+            self.lag.pop(key, None)
             state = self._partitions.pop(key, None)
             if state is not None:
                 self._in_flight -= len(state.pending)

@@ -1,4 +1,11 @@
-"""Prometheus metrics shared by the runtime; services add their own next to their logic."""
+"""Prometheus metrics shared by the runtime; services add their own next to their logic.
+
+The pipeline's counts are `mailrail_events_total{type,pool}`, counted where each event is
+written: `accepted` (ingest), `queued` (= routed) and `suppressed` (router), `delivered`,
+`deferred`, `bounced`, `expired` (sender), `complained`, `unsubscribed` (bounce, ingest);
+bounces also by category in `mailrail_bounces_total{pool,category}`. Consumer lag is in
+`lag.py`.
+"""
 
 from prometheus_client import Counter, Gauge
 
@@ -11,3 +18,4 @@ IN_FLIGHT = Gauge("mailrail_records_in_flight", "Records consumed and not yet co
 PAUSED = Gauge("mailrail_consumer_paused", "1 while the loop has paused its partitions", ["loop"])
 COMMITS = Counter("mailrail_commits_total", "Offset commits", ["loop"])
 EVENTS = Counter("mailrail_events_total", "Delivery events emitted", ["type", "pool"])
+BOUNCES = Counter("mailrail_bounces_total", "Bounced recipients by category", ["pool", "category"])

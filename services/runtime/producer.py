@@ -2,6 +2,7 @@
 
 `send()` returns an awaitable that resolves when the broker has acknowledged the record
 (`acks=all`) or fails with the delivery error. A background thread serves delivery callbacks.
+Every record carries the current trace context in its headers (`tracing.with_trace_headers`).
 """
 
 import asyncio
@@ -11,6 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from services.runtime.tracing import with_trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class AsyncProducer:
                     topic,
                     value=value,
                     key=key,
-                    headers=list(headers or ()),
+                    headers=with_trace_headers(headers),
                     on_delivery=on_delivery,
                 )
                 return future
@@ -102,7 +105,7 @@ class AsyncProducer:
                         topic,
                         value=value,
                         key=key,
-                        headers=list(headers or ()),
+                        headers=with_trace_headers(headers),
                         on_delivery=on_delivery,
                     )
                     break

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from services.runtime import tracing
 from services.runtime.health import Health
 from services.runtime.logs import configure_logging
 from services.runtime.loop import ConsumerLoop, Handler
@@ -25,6 +26,7 @@ def run_service(
     name: str, settings: S, main: Callable[[S, asyncio.Event], Awaitable[None]]
 ) -> None:
     configure_logging(name, settings.log_level, settings.log_format)
+    provider = tracing.configure(name)
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -46,7 +48,9 @@ def run_service(
         asyncio.run(runner())
     except Exception:
         log.exception("fatal error, exiting without committing")
+        tracing.shutdown(provider)
         sys.exit(2)
+    tracing.shutdown(provider)
     log.info("stopped", extra={"service": name})
 
 

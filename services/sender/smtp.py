@@ -22,6 +22,7 @@ from aiosmtplib.response import SMTPResponse
 
 from schemas.records import SmtpReply
 from schemas.rules import TlsPolicy
+from services.runtime import tracing
 from services.sender import pipelining
 from services.sender.pipelining import PipeliningProtocol
 
@@ -98,6 +99,25 @@ class SmtpSession:
         return (await self.send_many(mail_from, [rcpt], data))[0]
 
     async def send_many(self, mail_from: str, rcpts: list[str], data: bytes) -> list[SendResult]:
+        """One transaction for several recipients of the same bytes: a result per recipient.
+
+        Traced as one span (`smtp transaction`): MX host, recipients, the reply (the first
+        refusal, else the reply to the final dot) and its duration.
+        """
+        attributes = {"server.address": self.host, "smtp.recipients": len(rcpts)}
+        with tracing.span("smtp transaction", attributes) as span:
+            results = await self._transaction(mail_from, rcpts, data)
+            if span.is_recording():
+                reply = next((r.reply for r in results if r.reply.code >= 400), results[0].reply)
+                span.set_attribute("smtp.reply.code", reply.code)
+                span.set_attribute("smtp.reply.enhanced", reply.enhanced or "")
+                span.set_attribute("smtp.reply.text", reply.text)
+                span.set_attribute("smtp.accepted", sum(r.reply.code < 400 for r in results))
+                if reply.code >= 400:
+                    tracing.fail(span, f"{reply.code} {reply.text}"[:200])
+            return results
+
+    async def _transaction(self, mail_from: str, rcpts: list[str], data: bytes) -> list[SendResult]:
         """One transaction for several recipients of the same bytes: a result per recipient.
 
         DATA is never sent when every RCPT was refused; refused recipients keep their RCPT
@@ -282,6 +302,23 @@ class SmtpPool:
                 await _quit(session.client)
 
     async def _open(self, address: str, port: int, host_name: str, tls: TlsPolicy) -> SmtpSession:
+        attributes = {
+            "server.address": host_name,
+            "network.peer.address": address,
+            "network.peer.port": port,
+        }
+        with tracing.span("smtp connect", attributes) as span:
+            try:
+                return await self._connect(address, port, host_name, tls)
+            except ConnectFailed as failed:
+                span.set_attribute("smtp.reply.code", failed.reply.code)
+                span.set_attribute("smtp.reply.text", failed.reply.text)
+                tracing.fail(span, failed.reply.text[:200])
+                raise
+
+    async def _connect(
+        self, address: str, port: int, host_name: str, tls: TlsPolicy
+    ) -> SmtpSession:
         options = self._options
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
