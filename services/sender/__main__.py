@@ -1,7 +1,6 @@
 """Sender for one IP pool: `mail.outbound.<pool>` → SMTP → `mail.events` and `mail.retry.*`."""
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -18,7 +17,6 @@ from services.runtime.loop import Output
 from services.runtime.producer import AsyncProducer
 from services.runtime.service import consumer_loop, run_service, run_until_stopped
 from services.runtime.settings import split_host_port
-from services.sender import metrics
 from services.sender.blocklist import BlocklistWatch, WatchConfig, resolver_for
 from services.sender.controls import ControlView
 from services.sender.deliver import Deliverer, DeliveryPolicy
@@ -27,8 +25,7 @@ from services.sender.dkim_keys import DkimKeyError, load_keyring
 from services.sender.ledger import DeliveryLedger
 from services.sender.settings import SenderSettings
 from services.sender.smtp import SmtpOptions, SmtpPool
-
-METRICS_INTERVAL_S = 5.0
+from services.sender.stats import DestinationTally, Snapshotter, StatsPublisher
 
 
 def build_deliverer(settings: SenderSettings, controls: ControlView) -> tuple[Deliverer, SmtpPool]:
@@ -100,23 +97,6 @@ def build_watch(settings: SenderSettings, producer: AsyncProducer) -> BlocklistW
     return BlocklistWatch(config, publish, resolver_for(nameserver))
 
 
-async def publish_metrics(
-    deliverer: Deliverer, smtp: SmtpPool, pool: str, stop: asyncio.Event
-) -> None:
-    """Refresh the per-destination gauges until stopped."""
-    while not stop.is_set():
-        for destination in deliverer.destinations.all():
-            labels = (pool, destination.key)
-            metrics.DESTINATION_RATE.labels(*labels).set(destination.observed_per_s())
-            metrics.DESTINATION_QUOTA.labels(*labels).set(destination.effective_rate_per_s() or -1)
-            metrics.DESTINATION_BACKOFF.labels(*labels).set(destination.state.factor)
-            metrics.DESTINATION_CONCURRENCY.labels(*labels).set(destination.concurrency.in_use)
-            metrics.DESTINATION_WAITING.labels(*labels).set(destination.waiting)
-        metrics.CONNECTIONS_OPEN.labels(pool).set(smtp.open_connections)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), METRICS_INTERVAL_S)
-
-
 async def main(settings: SenderSettings, stop: asyncio.Event) -> None:
     health = Health()
     controls = ControlView(settings.kafka_common())
@@ -132,8 +112,14 @@ async def main(settings: SenderSettings, stop: asyncio.Event) -> None:
     deliverer.ledger = ledger
     watch = build_watch(settings, producer)
 
+    tally = DestinationTally()
+
     async def on_batch(message: Message) -> Sequence[Output]:
-        return await deliverer.deliver(decode(DeliveryBatch, message))
+        batch = decode(DeliveryBatch, message)
+        tally.before(batch, message.partition())
+        outputs = await deliverer.deliver(batch)
+        tally.after(batch, outputs)
+        return outputs
 
     loop = consumer_loop(
         settings,
@@ -149,7 +135,13 @@ async def main(settings: SenderSettings, stop: asyncio.Event) -> None:
             stop,
             serve_http(admin_app(health), settings.admin_addr, stop),
             loop.run(stop),
-            publish_metrics(deliverer, smtp, settings.pool, stop),
+            StatsPublisher(
+                Snapshotter(settings.pool, tally, controls.controls, settings.stats_interval_s),
+                deliverer.destinations.all,
+                lambda: {key: loop.lag.get(key) for key in loop.assigned},
+                lambda: smtp.open_connections,
+                producer,
+            ).run(stop),
             *([watch.run(stop)] if watch else []),
         )
     finally:

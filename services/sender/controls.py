@@ -3,7 +3,9 @@
 A scope is `kind:value` parts joined by `@`, e.g. `domain:gmail.com@pool:marketing`; a
 command applies to a batch when every part it names matches. Kinds: `domain` (the recipient
 domain or the throttle key), `provider` (the throttle key), `pool`, `tenant`. Parts of other
-kinds (such as `dnsbl:zone`) label the command and do not narrow it.
+kinds (such as `dnsbl:zone`, or `control:quota` in the key of a command other than a pause)
+label the command and do not narrow it. Actions: PAUSE (hold the batches), QUOTA (a rate
+override), MOVE (re-publish to `to_pool`), PURGE (bounce batches accepted before the command).
 """
 
 import logging
@@ -78,6 +80,35 @@ class Controls:
             and (command.expires_at is None or command.expires_at > now)
             and scope_matches(parts, batch)
         ]
+
+    def in_force(
+        self, action: ControlAction, now: datetime | None = None
+    ) -> list[tuple[dict[str, str], ControlCommand]]:
+        """Every unexpired command of this action, with its parsed scope."""
+        now = now or utc_now()
+        return [
+            (parts, command)
+            for parts, command in self._commands.values()
+            if command.action is action and (command.expires_at is None or command.expires_at > now)
+        ]
+
+    def moved_to(self, batch: DeliveryBatch, now: datetime | None = None) -> str | None:
+        """The pool a MOVE in force sends this batch to (the newest command wins)."""
+        moves = [
+            c
+            for c in self._active(batch, ControlAction.MOVE, now or utc_now())
+            if c.to_pool and c.to_pool != batch.pool
+        ]
+        return max(moves, key=lambda c: c.created_at).to_pool if moves else None
+
+    def purge(self, batch: DeliveryBatch, now: datetime | None = None) -> ControlCommand | None:
+        """A PURGE in force that covers this batch: one written after it was accepted."""
+        purges = [
+            c
+            for c in self._active(batch, ControlAction.PURGE, now or utc_now())
+            if batch.accepted_at <= c.created_at
+        ]
+        return purges[0] if purges else None
 
     def paused_until(self, batch: DeliveryBatch, now: datetime | None = None) -> datetime | None:
         """When the latest pause in force for this batch ends (`datetime.max` if never)."""

@@ -40,6 +40,7 @@ from services.sender.ledger import LEDGER_REPLY, DeliveryLedger
 from services.sender.retry import expired, next_delay, tier_for
 from services.sender.shaping import Clock, Destination, Destinations, ReplyPatterns, Signal
 from services.sender.smtp import ConnectFailed, SmtpPool, SmtpSession
+from services.sender.steer import steer
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,9 @@ class Deliverer:
         return outputs
 
     async def _deliver(self, batch: DeliveryBatch) -> list[Output]:
+        # An operator's MOVE or PURGE first (after the ledger: delivered recipients stay so).
+        if (steered := steer(self._controls, batch, self._rules.pool_names())) is not None:
+            return steered
         refusal = self._signer.refusal(batch) if self._signer else None
         if refusal is not None:
             held = "unsigned: held, the tenant requires DKIM"
@@ -161,6 +165,9 @@ class Deliverer:
             )
             outputs += self._hold(batch, attempt.untried, until, "paused", now)
         return outputs
+
+    def _labels(self, batch: DeliveryBatch) -> tuple[str, str]:
+        return batch.pool, metrics.destination_label(self._rules, batch.throttle_key)
 
     def _paused_until(self, batch: DeliveryBatch, now: datetime) -> datetime | None:
         own = None
@@ -258,7 +265,7 @@ class Deliverer:
                 attempt.untried = [r for r, _ in pending[done:]]
                 return len(pending)
             wait_s = slot - self._clock()
-            metrics.QUOTA_WAIT_SECONDS.labels(batch.pool).observe(max(wait_s, 0.0))
+            metrics.QUOTA_WAIT_SECONDS.labels(*self._labels(batch)).observe(max(wait_s, 0.0))
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
             data = composer.render(recipient)
@@ -275,7 +282,7 @@ class Deliverer:
             result = await session.send(return_path, recipient.email, data)
             if self.ledger is not None:
                 await self.ledger.record(batch, [(recipient, result.reply)])
-            metrics.SMTP_SECONDS.labels(batch.pool).observe(self._clock() - started)
+            metrics.SMTP_SECONDS.labels(*self._labels(batch)).observe(self._clock() - started)
             destination.note_send()
             signal = self._patterns.signal(result.reply)
             await destination.on_signal(signal)
@@ -307,7 +314,7 @@ class Deliverer:
             attempt.untried = [r for r, _ in pending]
             return len(pending)
         wait_s = pending[0][1] - self._clock()
-        metrics.QUOTA_WAIT_SECONDS.labels(batch.pool).observe(max(wait_s, 0.0))
+        metrics.QUOTA_WAIT_SECONDS.labels(*self._labels(batch)).observe(max(wait_s, 0.0))
         if wait_s > 0:
             await asyncio.sleep(wait_s)
         recipients = [r for r, _ in pending]
@@ -321,7 +328,7 @@ class Deliverer:
         if self.ledger is not None:
             replies = [(r, x.reply) for r, x in zip(recipients, results, strict=True)]
             await self.ledger.record(batch, replies)
-        metrics.SMTP_SECONDS.labels(batch.pool).observe(self._clock() - started)
+        metrics.SMTP_SECONDS.labels(*self._labels(batch)).observe(self._clock() - started)
         for recipient, result in zip(recipients, results, strict=True):
             destination.note_send()
             signal = self._patterns.signal(result.reply)

@@ -39,5 +39,8 @@ class SenderSettings(ServiceSettings):
     #: Lifetime of a pause record; renewed while the listing lasts, so a stale one runs out.
     dnsbl_pause_s: float = Field(default=3600.0, gt=0)
 
+    #: How often the sender refreshes its per-destination gauges and writes `mail.stats`.
+    stats_interval_s: float = Field(default=5.0, gt=0)
+
     def service_name(self) -> str:
         return f"sender-{self.pool}"
