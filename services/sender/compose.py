@@ -26,6 +26,8 @@ _VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
 _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _LIST_UNSUBSCRIBE = re.compile(rb"^list-unsubscribe:", re.IGNORECASE | re.MULTILINE)
+#: What a header may not carry once its RFC 2047 encoded words are decoded.
+_HEADER_BREAK = re.compile(r"[\r\n\x00]")
 #: Links from this process's environment (`MAILRAIL_PUBLIC_URL`, `MAILRAIL_UNSUBSCRIBE_*`).
 FROM_ENVIRONMENT: Literal["environment"] = "environment"
 Links = OneClickLinks | None | Literal["environment"]
@@ -90,16 +92,16 @@ def compose(
             own = b""
         return head + own + _crlf(raw)
     message = EmailMessage()
-    message["From"] = batch.from_
+    _set_header(message, "From", batch.from_, address_of(batch.from_))
     message["To"] = UNDISCLOSED if shared else recipient.email
     message["Subject"] = substitute(content.subject or "", recipient.vars)
     message["Date"] = format_datetime(utc_now())
     message["Message-ID"] = message_id_for(batch, recipient) or make_msgid()
     message["MIME-Version"] = "1.0"
     if content.reply_to:
-        message["Reply-To"] = content.reply_to
+        _set_header(message, "Reply-To", content.reply_to, address_of(content.reply_to))
     for name, value in (content.headers | (extra_headers or {})).items():
-        message[name] = value
+        _set_header(message, name, value)
     if content.text is not None:
         message.set_content(substitute(content.text, recipient.vars), cte="quoted-printable")
     if content.html is not None:
@@ -116,8 +118,23 @@ def compose(
             subtype=subtype,
             filename=attachment.filename,
         )
+    for name, value in message.items():
+        if _HEADER_BREAK.search(str(value)):
+            # An encoded word that decodes to CR or LF (=?utf-8?q?x=0D=0ABcc:...?=) would be
+            # written out as a header line of its own (Python < 3.11.10 does not refuse it).
+            message.replace_header(name, " ".join(_HEADER_BREAK.sub(" ", str(value)).split()))
     policy = SMTPUTF8 if not recipient.email.isascii() or not batch.from_.isascii() else SMTP
     return own + message.as_bytes(policy=policy)
+
+
+def _set_header(message: EmailMessage, name: str, value: str, fallback: str | None = None) -> None:
+    """Set a header; an address header whose encoded words decode to CR or LF cannot be
+    written (the email package raises ValueError): it gets `fallback`, or is left out."""
+    try:
+        message[name] = value
+    except ValueError:
+        if fallback is not None:
+            message[name] = fallback
 
 
 def _crlf(data: bytes) -> bytes:
