@@ -20,9 +20,9 @@ class Scenario:
 
 
 def all_scenarios() -> dict[int, Scenario]:
-    from chaos.scenarios import processes, protocol
+    from chaos.scenarios import inputs, processes, protocol
 
-    found: list[Scenario] = [*processes.SCENARIOS, *protocol.SCENARIOS]
+    found: list[Scenario] = [*processes.SCENARIOS, *protocol.SCENARIOS, *inputs.SCENARIOS]
     return {s.number: s for s in sorted(found, key=lambda s: s.number)}
 
 
