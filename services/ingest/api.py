@@ -10,6 +10,7 @@ from fastapi.openapi.utils import get_openapi
 
 from schemas.api import ErrorResponse, MessageAccepted, MessageRequest, MessageStatus
 from services.ingest.accept import InvalidField, UnknownPool
+from services.ingest.admin import admin_router
 from services.ingest.auth import ApiKeys, tenant_of
 from services.ingest.body import parse_body
 from services.ingest.errors import (
@@ -19,6 +20,7 @@ from services.ingest.errors import (
     unavailable,
 )
 from services.ingest.limits import BodySizeLimit, request_limit
+from services.ingest.observe import Observe
 from services.ingest.publish import KeyConflict, KeyInProgress, Publisher, Unavailable
 from services.ingest.ratelimit import RateLimiter
 from services.ingest.status import StatusView
@@ -69,6 +71,7 @@ def create_app(deps: IngestDeps) -> FastAPI:
         responses=ERROR_RESPONSES,
     )
     install_error_handlers(app)
+    app.add_middleware(Observe)
     for route in health_routes(deps.health):
         app.router.routes.append(route)
 
@@ -179,6 +182,7 @@ def create_app(deps: IngestDeps) -> FastAPI:
     for route in suppressions:
         app.router.routes.append(route)
     app.include_router(unsubscribe_router(deps.publisher))
+    app.include_router(admin_router(deps.publisher))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
