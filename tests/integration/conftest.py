@@ -23,6 +23,7 @@ from services.runtime.topics import ensure_topics
 from tests.support.dkim_keys import dkim_records, write_key_folder
 from tests.support.dns_server import RunningDnsServer, start_dns_server
 from tests.support.kafka import BOOTSTRAP, EventLog, TopicTail, broker_available
+from tests.support.otlp import OtlpReceiver
 from tests.support.smtp_server import RunningSmtpServer, start_smtp_server
 
 RULES = Path(__file__).parent / "rules.yaml"
@@ -42,6 +43,8 @@ VERP_KEY = "integration-test-verp-key-0001"
 UNSUBSCRIBE_KEY = "integration-test-unsubscribe-key-0001"
 MAX_AGE_S = "12"
 MAX_MESSAGE_BYTES = 1024 * 1024
+#: Opens ingest's admin API and /ui.
+ADMIN_KEY = "test-admin-key-0001"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -66,6 +69,8 @@ class Stack:
     sink: RunningSmtpServer
     mx: RunningSmtpServer
     dns: RunningDnsServer
+    #: Every span the services export (OTLP over HTTP).
+    traces: OtlpReceiver
 
     def client(self, key: str = API_KEY) -> httpx.Client:
         return httpx.Client(
@@ -119,6 +124,7 @@ def stack(
             "no-such-domain.example": "NXDOMAIN",
         }
     )
+    traces = OtlpReceiver()
     dkim_keys = write_key_folder(tmp_path_factory.mktemp("dkim"), DKIM_KEYS, DKIM_CONFIG)
     dns.update(dkim_records(dkim_keys))
     common = {
@@ -133,6 +139,10 @@ def stack(
         "MAILRAIL_BUSY_HOLD_S": "2",
         "MAILRAIL_VERP_KEY": VERP_KEY,
         "MAILRAIL_UNSUBSCRIBE_KEY": UNSUBSCRIBE_KEY,
+        "MAILRAIL_STATS_INTERVAL_S": "1",
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": traces.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
     }
     http_addr = f"127.0.0.1:{free_port()}"
     common["MAILRAIL_PUBLIC_URL"] = f"http://{http_addr}"
@@ -149,6 +159,7 @@ def stack(
             MAILRAIL_HTTP_ADDR=http_addr,
             MAILRAIL_API_KEYS=f"acme:{API_KEY},globex:{OTHER_KEY}",
             MAILRAIL_MAX_MESSAGE_BYTES=str(MAX_MESSAGE_BYTES),
+            MAILRAIL_ADMIN_KEYS=ADMIN_KEY,
         ),
         "router": service("router", "services.router"),
         "sender": service(
@@ -174,10 +185,11 @@ def stack(
             process.start()
         for process in services.values():
             process.wait_ready()
-        yield Stack(f"http://{http_addr}", services, sink, mx, dns)
+        yield Stack(f"http://{http_addr}", services, sink, mx, dns, traces)
     finally:
         for process in services.values():
             process.stop()
+        traces.stop()
         sink.stop()
         mx.stop()
         dns.stop()
