@@ -20,9 +20,14 @@ class Scenario:
 
 
 def all_scenarios() -> dict[int, Scenario]:
-    from chaos.scenarios import inputs, processes, protocol
+    from chaos.scenarios import brokers, inputs, processes, protocol
 
-    found: list[Scenario] = [*processes.SCENARIOS, *protocol.SCENARIOS, *inputs.SCENARIOS]
+    found: list[Scenario] = [
+        *brokers.SCENARIOS,
+        *processes.SCENARIOS,
+        *protocol.SCENARIOS,
+        *inputs.SCENARIOS,
+    ]
     return {s.number: s for s in sorted(found, key=lambda s: s.number)}
 
 
