@@ -45,6 +45,7 @@ from services.runtime.settings import ServiceSettings
 log = logging.getLogger(__name__)
 
 VIEW_WAIT_S = 10.0
+SETTLE_POLL_S = 0.05
 WINDOW_S = 3600.0
 
 
@@ -152,6 +153,13 @@ class OpsViews:
     def events_ready(self) -> bool:
         return self._events is not None and self._events.ready
 
+    async def settled(self, key: str, command: ControlCommand | None) -> None:
+        """Wait (up to `VIEW_WAIT_S`) until the view shows a write: read your own writes."""
+        for _ in range(int(VIEW_WAIT_S / SETTLE_POLL_S)):
+            if self.controls.items().get(key) == command:
+                return
+            await asyncio.sleep(SETTLE_POLL_S)
+
     def in_force(self) -> dict[str, ControlCommand]:
         now = utc_now()
         return {
@@ -195,7 +203,9 @@ def admin_router(publisher: Publisher) -> APIRouter:
             command = command_of(request, pools)
         except (CommandError, ValueError) as exc:
             raise ApiError(400, "invalid_request", str(exc)) from None
+        await views.loaded()
         await write(command.scope, command)
+        await views.settled(command.scope, command)
         log.info("control written", extra={"key": command.scope, "action": command.action.value})
         return {"key": command.scope, "command": command.model_dump(mode="json", exclude_none=True)}
 
@@ -208,6 +218,7 @@ def admin_router(publisher: Publisher) -> APIRouter:
         await views.loaded()
         present = key in views.in_force()
         await write(key, None)
+        await views.settled(key, None)
         log.info("control removed", extra={"key": key})
         return {"key": key, "was_in_force": present}
 
