@@ -45,7 +45,12 @@ def test_a_message_is_one_trace_from_http_to_the_bounce_service(
     trace_id = _trace_of_message(spans, message_id)
     trace = [s for s in spans if s.trace_id == trace_id]
     by_service = {s.service for s in trace}
-    assert {"mailrail-ingest", "mailrail-router", "mailrail-sender", "mailrail-bounce"} <= by_service
+    assert {
+        "mailrail-ingest",
+        "mailrail-router",
+        "mailrail-sender",
+        "mailrail-bounce",
+    } <= by_service
 
     root = [s for s in trace if not s.parent_id]
     assert [(s.service, s.name) for s in root] == [("mailrail-ingest", "POST /v1/messages")]

@@ -20,6 +20,7 @@ from services.ingest.observe import Observe
 from services.runtime import tracing
 
 _EXPORTER = InMemorySpanExporter()
+Headers = list[tuple[str, str | bytes | None]]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,14 +37,14 @@ def clean() -> None:
     _EXPORTER.clear()
 
 
-def hop(headers: list[tuple[str, bytes]], topic: str) -> list[tuple[str, bytes]]:
+def hop(headers: Headers, topic: str) -> Headers:
     """A service consuming a record and writing one: the headers of what it writes."""
     with tracing.consume_span(topic, headers, "loop", key=b"k"):
         return tracing.with_trace_headers([("other", b"1")])
 
 
 def test_a_record_chain_stays_in_the_trace_of_the_http_request() -> None:
-    written: list[list[tuple[str, bytes]]] = []
+    written: list[Headers] = []
 
     async def endpoint(_: Request) -> JSONResponse:
         written.append(tracing.with_trace_headers(None))
