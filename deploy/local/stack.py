@@ -116,6 +116,7 @@ def main() -> None:
     defaults = {
         "MAILRAIL_SMART_HOST": SINK_ADDR,
         "MAILRAIL_API_KEYS": "demo:demo-key",
+        "MAILRAIL_ADMIN_KEYS": "demo-admin-key",
         "MAILRAIL_RULES": str(REPO / "deploy/local/rules.yaml"),
         "MAILRAIL_LOG_FORMAT": "text",
     }
@@ -157,6 +158,7 @@ def main() -> None:
         f"\nMailrail is running. Ingest: http://{ingest}  Sink: {SINK_ADDR} (mail lands in {INBOX})\n"
         f"Try: curl -s -X POST http://{ingest}/v1/messages -H 'Authorization: Bearer demo-key' "
         f"-H 'Content-Type: application/json' -d '{json.dumps(example)}'\n"
+        f"Status page: http://ops:demo-admin-key@{ingest}/ui  Queues: bin/mailrail queues\n"
         "Ctrl-C stops everything.\n",
         file=sys.stderr,
     )
