@@ -1,10 +1,10 @@
 """What one consume stage adds to latency at a modest rate, for two ways of calling consume.
 
-`services/runtime/loop.py` calls `consumer.consume(500, 0.2)`. librdkafka returns from that
-call when 500 records are there *or* the 0.2 s are up (confluent-kafka-python issue #407:
-by design), so below ~2,500 records/s a record waits for the rest of the 0.2 s in every
-stage. The alternative takes what is already fetched without waiting, and waits only when
-there is nothing: `consume(500, 0)`, then `consume(1, 0.2)` if that was empty.
+`consumer.consume(500, 0.2)` returns when 500 records are there *or* the 0.2 s are up
+(confluent-kafka-python issue #407: by design), so below ~2,500 records/s a record waits for
+the rest of the 0.2 s in every stage. `services/runtime/consume.take`, which every loop and
+view uses, takes what is already fetched without waiting, and waits only when there is
+nothing: `consume(500, 0)`, then `poll(0.2)` if that was empty.
 
 Both are measured on a one-partition topic of the bench's private broker: records produced
 at `rate_per_s`, each stamped with its produce time; latency = time seen by the loop minus stamp.
@@ -21,6 +21,7 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from bench.analysis import percentile
+from services.runtime.consume import take
 
 TOPIC = "bench.consume-latency"
 BATCH = 500
@@ -30,13 +31,11 @@ Strategy = Callable[[Consumer], list[Message]]
 
 
 def batch_wait(consumer: Consumer) -> list[Message]:
-    """What services/runtime/loop.py does today."""
     return list(consumer.consume(BATCH, TIMEOUT_S))
 
 
 def drain_then_wait(consumer: Consumer) -> list[Message]:
-    messages = list(consumer.consume(BATCH, 0))
-    return messages or list(consumer.consume(1, TIMEOUT_S))
+    return take(consumer, BATCH, TIMEOUT_S)
 
 
 def _measure(bootstrap: str, strategy: Strategy, rate_per_s: float, seconds: float) -> list[float]:
@@ -84,8 +83,8 @@ def measure(bootstrap: str, rate_per_s: float = 100.0, seconds: float = 5.0) -> 
         ].result(30)
     results: dict[str, Any] = {"rate_per_s": rate_per_s, "seconds": seconds}
     for name, strategy in (
-        ("consume(500, 0.2) [services/runtime/loop.py]", batch_wait),
-        ("consume(500, 0) then consume(1, 0.2) if empty", drain_then_wait),
+        ("consume(500, 0.2)", batch_wait),
+        ("take(500, 0.2) [services/runtime/consume.py]", drain_then_wait),
     ):
         latencies = _measure(bootstrap, strategy, rate_per_s, seconds)
         results[name] = {

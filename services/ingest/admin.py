@@ -32,13 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from schemas.catalogue import CONTROL, EVENTS
 from schemas.records import ControlAction, ControlCommand, utc_now
 from services.ingest.errors import ApiError, unavailable
-from services.ingest.follow import Follower
 from services.ingest.publish import Publisher
 from services.ops import page, table
 from services.ops.commands import CommandError, Target, build, check_pools, parse_duration
 from services.ops.commands import parse_rate as parse_rate_text
 from services.ops.digest import EventDigest
 from services.ops.views import controls_view, stats_view
+from services.runtime.follow import Follower
 from services.runtime.producer import DeliveryFailed
 from services.runtime.settings import ServiceSettings
 

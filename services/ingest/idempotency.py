@@ -43,8 +43,8 @@ from pydantic import ValidationError
 from schemas.api import MessageRequest
 from schemas.catalogue import IDEMPOTENCY, IDEMPOTENCY_WINDOW
 from schemas.records import IdempotencyRecord, IdempotencyState, idempotency_key
-from services.ingest.follow import Follower
 from services.runtime.codec import encode
+from services.runtime.follow import Follower
 from services.runtime.producer import AsyncProducer
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from schemas.api import MessageStatus, RecipientTimeline, SmtpAnswer, TimelineEvent
 from schemas.catalogue import EVENTS
 from schemas.records import FINAL_EVENT_TYPES, DeliveryEvent, EventType
-from services.ingest.follow import Follower
+from services.runtime.follow import Follower
 
 log = logging.getLogger(__name__)
 

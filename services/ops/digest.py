@@ -2,7 +2,7 @@
 
 `EventDigest.add()` takes each event's raw JSON and its Kafka timestamp; memory is bounded
 by the window (one small counter per minute) and `RECENT` bounce summaries. Follow the topic
-with `services.ingest.follow.Follower` from `window` ago (see `services/ingest/ui.py`).
+with `services.runtime.follow.Follower` from `window` ago (see `services/ingest/admin.py`).
 """
 
 import threading

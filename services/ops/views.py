@@ -8,7 +8,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.catalogue import CONTROL, STATS
 from schemas.records import ControlCommand, DestinationStats
-from services.runtime.compacted import CompactedReader
+from services.runtime.follow import Follower, by_key
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -21,7 +21,7 @@ class CompactedView(Generic[M]):
         self._model = model
         self._items: dict[str, M] = {}
         self._lock = threading.Lock()
-        self._reader = CompactedReader(kafka_config, topic, self._on_record)
+        self._reader = Follower(kafka_config, topic, by_key(self._on_record))
         self._started = False
 
     def _on_record(self, key: str, value: bytes | None) -> None:

@@ -26,6 +26,7 @@ from opentelemetry.trace import Span
 from schemas.catalogue import REJECTED, SUBMIT
 from schemas.records import RejectedHeaders
 from services.runtime import lag, metrics, tracing
+from services.runtime.consume import take
 from services.runtime.health import Health
 from services.runtime.producer import AsyncProducer, DeliveryFailed, Headers
 
@@ -146,7 +147,7 @@ class ConsumerLoop:
         try:
             while not stop.is_set() and self._fatal is None:
                 room = max(1, min(CONSUME_BATCH, self._max_in_flight - self._in_flight))
-                messages = await self._call(consumer.consume, room, CONSUME_TIMEOUT_S)
+                messages = await self._call(take, consumer, room, CONSUME_TIMEOUT_S)
                 self._health.beat(self.name)
                 for message in messages:
                     self._accept(message)

@@ -8,51 +8,36 @@ view holds a tenth of what a dict of models would.
 
 import logging
 import threading
-import time
-import uuid
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from pydantic import ValidationError
 
 from schemas.catalogue import SUPPRESSION
 from schemas.records import Suppression
+from services.runtime.follow import Follower, by_key
 from services.runtime.suppression_store import SuppressionStore
 
 log = logging.getLogger(__name__)
 
-POLL_TIMEOUT_S = 0.2
-METADATA_TIMEOUT_S = 10.0
-
 
 class SuppressionView:
     def __init__(self, kafka_config: dict[str, Any], topic: str = SUPPRESSION) -> None:
-        self._config = kafka_config | {
-            "group.id": f"mailrail-suppression-view-{uuid.uuid4().hex[:12]}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,
-        }
-        self._topic = topic
         self._store = SuppressionStore()
         self._lock = threading.Lock()
-        self._caught_up = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="suppression-view", daemon=True)
+        self._follower = Follower(kafka_config, topic, by_key(self._ingest))
 
     def start(self) -> None:
-        self._thread.start()
+        self._follower.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self._follower.stop()
 
     @property
     def ready(self) -> bool:
-        return self._caught_up.is_set()
+        return self._follower.ready
 
     def wait_ready(self, timeout_s: float) -> bool:
-        return self._caught_up.wait(timeout_s)
+        return self._follower.wait_ready(timeout_s)
 
     def __len__(self) -> int:
         return len(self._store)
@@ -75,50 +60,7 @@ class SuppressionView:
         with self._lock:
             return self._store.page(tenant, after, limit)
 
-    def _run(self) -> None:
-        consumer = Consumer(self._config)
-        try:
-            metadata = consumer.list_topics(self._topic, timeout=METADATA_TIMEOUT_S)
-            partitions = list(metadata.topics[self._topic].partitions)
-            targets: dict[int, int] = {}
-            for partition in partitions:
-                low, high = consumer.get_watermark_offsets(
-                    TopicPartition(self._topic, partition), timeout=METADATA_TIMEOUT_S
-                )
-                if high > low:
-                    targets[partition] = high
-            consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING) for p in partitions])
-            if not targets:
-                self._caught_up.set()
-            started = time.monotonic()
-            while not self._stop.is_set():
-                for message in consumer.consume(500, POLL_TIMEOUT_S):
-                    error = message.error()
-                    partition = int(message.partition() or 0)
-                    if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            targets.pop(partition, None)
-                        else:
-                            log.warning("suppression view error", extra={"error": str(error)})
-                    else:
-                        self._ingest(message.key(), message.value())
-                        if int(message.offset() or 0) + 1 >= targets.get(partition, 0):
-                            targets.pop(partition, None)
-                if not targets and not self._caught_up.is_set():
-                    self._caught_up.set()
-                    log.info(
-                        "suppression view loaded",
-                        extra={"entries": len(self._store), "s": time.monotonic() - started},
-                    )
-        except Exception:
-            log.exception("suppression view stopped")
-        finally:
-            consumer.close()
-
-    def _ingest(self, key: bytes | None, value: bytes | None) -> None:
-        if key is None:
-            return
-        text_key = key.decode("utf-8", "replace")
+    def _ingest(self, text_key: str, value: bytes | None) -> None:
         if value is None:
             self.apply(text_key, None)
             return

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from schemas.catalogue import CONTROL
 from schemas.records import ControlAction, ControlCommand, DeliveryBatch, utc_now
-from services.runtime.compacted import CompactedReader
+from services.runtime.follow import Follower, by_key
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class Controls:
 class ControlView:
     def __init__(self, kafka_config: dict[str, Any]) -> None:
         self.controls = Controls()
-        self._reader = CompactedReader(kafka_config, CONTROL, self._on_record)
+        self._reader = Follower(kafka_config, CONTROL, by_key(self._on_record))
 
     def _on_record(self, key: str, value: bytes | None) -> None:
         if value is None:

@@ -39,7 +39,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 from prometheus_client import Counter
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -51,12 +50,11 @@ from schemas.records import (
     SmtpReply,
     ledger_key,
 )
+from services.runtime.follow import Follower, by_key
 from services.runtime.producer import AsyncProducer
 
 log = logging.getLogger(__name__)
 
-POLL_TIMEOUT_S = 0.1
-METADATA_TIMEOUT_S = 10.0
 #: 96 bits of BLAKE2b per key: at a million entries a look-up is a false hit (a recipient
 #: taken for delivered) with probability 1e-23.
 DIGEST_BYTES = 12
@@ -166,41 +164,30 @@ class DeliveryLedger:
         self._pending: dict[str, asyncio.Future[Any]] = {}
         hook = self.settings.test_crash_after_250
         self._hook = _CrashHook(hook, self.settings.test_crash_point) if hook else None
-        self._config = kafka_config | {
-            "group.id": f"mailrail-ledger-view-{pool}-{os.getpid()}-{time.monotonic_ns()}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,
-        }
-        self._caught_up = threading.Event()
-        #: Set once the view is loaded or has failed: `wait_ready` returns then.
-        self._settled = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="ledger-view", daemon=True)
+        self._view = Follower(
+            kafka_config,
+            topic,
+            by_key(self._on_record),
+            tail_records=self.settings.ledger_max_entries,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
         if self.settings.ledger:
-            self._thread.start()
-        else:
-            self._caught_up.set()
-            self._settled.set()
+            self._view.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+        self._view.stop()
         self._producer.close()
 
     @property
     def ready(self) -> bool:
-        return self._caught_up.is_set()
+        return not self.settings.ledger or self._view.ready
 
     def wait_ready(self, timeout_s: float) -> bool:
-        """True once loaded; False on timeout or when the view failed (it logged why)."""
-        self._settled.wait(timeout_s)
-        return self.ready
+        """True once loaded; False on timeout (the log says what it waits for)."""
+        return not self.settings.ledger or self._view.wait_ready(timeout_s)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -283,56 +270,6 @@ class DeliveryLedger:
 
     # -- the view -----------------------------------------------------------------------------
 
-    def _follow(self) -> None:
-        """Read the newest entries of every partition, then follow the topic."""
-        consumer = Consumer(self._config)
-        try:
-            partitions = list(
-                consumer.list_topics(self._topic, timeout=METADATA_TIMEOUT_S)
-                .topics[self._topic]
-                .partitions
-            )
-            if not partitions:
-                raise RuntimeError(f"topic {self._topic} does not exist")
-            per_partition = max(1, self.settings.ledger_max_entries // len(partitions))
-            targets: dict[int, int] = {}
-            assignment = []
-            for partition in partitions:
-                low, high = consumer.get_watermark_offsets(
-                    TopicPartition(self._topic, partition), timeout=METADATA_TIMEOUT_S
-                )
-                start = max(low, high - per_partition)
-                if high > start:
-                    targets[partition] = high
-                assignment.append(TopicPartition(self._topic, partition, start))
-            consumer.assign(assignment)
-            started = time.monotonic()
-            while not self._stop.is_set():
-                for message in consumer.consume(500, POLL_TIMEOUT_S):
-                    partition = int(message.partition() or 0)
-                    error = message.error()
-                    if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            targets.pop(partition, None)
-                        else:
-                            log.warning("ledger read error", extra={"error": str(error)})
-                        continue
-                    key = message.key()
-                    if key is not None and message.value() is not None:
-                        text = key.decode("utf-8", "replace")
-                        if text.startswith(self._prefix):
-                            self._keys.add(text)
-                    if int(message.offset() or 0) + 1 >= targets.get(partition, 0):
-                        targets.pop(partition, None)
-                if not targets and not self._caught_up.is_set():
-                    self._caught_up.set()
-                    self._settled.set()
-                    log.info(
-                        "ledger loaded",
-                        extra={"entries": len(self._keys), "s": time.monotonic() - started},
-                    )
-        except Exception:
-            log.exception("ledger view stopped")
-        finally:
-            self._settled.set()
-            consumer.close()
+    def _on_record(self, key: str, value: bytes | None) -> None:
+        if value is not None and key.startswith(self._prefix):
+            self._keys.add(key)
