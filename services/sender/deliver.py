@@ -157,6 +157,7 @@ class Deliverer:
         outputs = self._records(batch, attempt.outcomes)
         if attempt.blocked_by is not None:
             outputs.append(self._pause(batch, attempt.blocked_by))
+            outputs += self._held_after_block(batch, attempt.untried, attempt.blocked_by)
         if attempt.untried:
             now = utc_now()
             until = min(
@@ -232,6 +233,10 @@ class Deliverer:
                     last = failed.reply
                     failures += 1
                     index += 1
+                    if failed.from_server and self._greeting_blocked(destination, failed.reply):
+                        attempt.blocked_by = failed.reply
+                        attempt.untried = [r for r, _ in pending]
+                        break
                     continue
                 pending = pending[done:]
                 if attempt.blocked_by is not None or attempt.untried:
@@ -245,6 +250,14 @@ class Deliverer:
             if r not in attempt.untried
         ]
         return attempt
+
+    def _greeting_blocked(self, destination: Destination, reply: SmtpReply) -> bool:
+        """A server's refusal to talk (its greeting, or its answer to EHLO) slows the
+        destination down or blocks it, like the same reply to a RCPT; True for a block."""
+        signal = self._patterns.signal(reply)
+        if signal is Signal.THROTTLE:
+            destination.throttle()
+        return signal is Signal.BLOCK
 
     async def _send_on(
         self,
@@ -360,6 +373,19 @@ class Deliverer:
             reason=f"blocked: {reply.code} {reply.enhanced or ''} {reply.text}"[:300],
         )
         return control_output(command)
+
+    def _held_after_block(
+        self, batch: DeliveryBatch, recipients: list[BatchRecipient], reply: SmtpReply
+    ) -> list[Output]:
+        """A `deferred` event for each recipient not tried because the server blocked us:
+        the reply that paused the destination is their reason too."""
+        now = utc_now()
+        category = classify(reply.code, reply.enhanced, reply.text).category
+        detail = f"not tried: {scope_for(batch)} paused for {self._rules.backoff.block_pause_s:.0f} s"
+        return [
+            self._event(batch, r, EventType.DEFERRED, reply, None, now, category, False, detail)
+            for r in recipients
+        ]
 
     def _hold(
         self,

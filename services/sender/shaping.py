@@ -18,10 +18,19 @@ from schemas.rules import Backoff, Shaping
 
 Clock = Callable[[], float]
 RATE_WINDOW_S = 10.0
+#: The most a rate window lets go at once, in seconds of its pace (see RateLimiter).
+BURST_S = 1.0
 
 
 class RateLimiter:
-    """GCRA over several windows (per second, minute, hour): each may burst up to its limit.
+    """GCRA over several windows (per second, minute, hour), each paced evenly.
+
+    A window of `count` messages per `seconds` lets one message go every `seconds / count`,
+    with a burst of at most `BURST_S` worth of them (never more than `count`): 600/min sends
+    ten a second, not 600 in the first second and then nothing, so no sliding window of
+    `seconds` holds more than `count` plus that burst. When the windows change (a backoff, an
+    override, its end), pacing goes on from the last booked slot at the new rate instead of
+    starting over with a fresh burst.
 
     `reserve(n)` books n send slots at the earliest times every window allows and returns
     them; a booked slot is spent whether or not it is used.
@@ -31,13 +40,18 @@ class RateLimiter:
         self._clock = clock
         self._windows: list[tuple[float, float]] = []
         self._tat: list[float] = []
+        self._last_slot: float | None = None
         self.set_windows(windows)
 
     def set_windows(self, windows: list[tuple[float, float]]) -> None:
         """(messages, seconds) pairs; an empty list means unlimited."""
         now = self._clock()
         self._windows = [(count, seconds) for count, seconds in windows if count > 0]
-        self._tat = [now] * len(self._windows)
+        last = self._last_slot
+        self._tat = [
+            now if last is None else max(now - _tolerance(c, s), last + s / c + _tolerance(c, s))
+            for c, s in self._windows
+        ]
 
     @property
     def limited(self) -> bool:
@@ -52,11 +66,9 @@ class RateLimiter:
 
     def next_slot(self) -> float:
         """The earliest time one message could go (without booking it)."""
-        now = self._clock()
-        earliest = now
+        earliest = self._clock()
         for (count, seconds), tat in zip(self._windows, self._tat, strict=True):
-            interval = seconds / count
-            earliest = max(earliest, tat - (seconds - interval))
+            earliest = max(earliest, tat - _tolerance(count, seconds))
         return earliest
 
     def reserve(self, n: int) -> list[float]:
@@ -66,7 +78,14 @@ class RateLimiter:
             for index, (count, seconds) in enumerate(self._windows):
                 self._tat[index] = max(self._tat[index], slot) + seconds / count
             slots.append(slot)
+        if slots:
+            self._last_slot = slots[-1]
         return slots
+
+
+def _tolerance(count: float, seconds: float) -> float:
+    """How far ahead of its even pace a window lets a message go: its burst allowance."""
+    return max(0.0, min(seconds - seconds / count, BURST_S))
 
 
 class AdaptiveLimit:
@@ -76,6 +95,10 @@ class AdaptiveLimit:
         self.limit = limit
         self.in_use = 0
         self._changed = asyncio.Condition()
+
+    def set_limit_now(self, limit: int) -> None:
+        """Lower the limit (no waiter can become eligible by that, so none is woken)."""
+        self.limit = max(1, min(self.limit, limit))
 
     async def set_limit(self, limit: int) -> None:
         async with self._changed:
@@ -170,14 +193,19 @@ class Destination:
             self.override_per_s = per_s
             self._apply()
 
+    def throttle(self) -> None:
+        """A 'slow down' reply: cut rate and concurrency by the backoff's factor."""
+        self.state.successes = 0
+        self.state.throttled += 1
+        self.state.factor = max(self.state.factor * self._backoff.cut_factor, 1e-3)
+        self._apply()
+        self.concurrency.set_limit_now(self._concurrency())
+
     async def on_signal(self, signal: Signal) -> None:
+        """The signal of one transaction's reply: a throttle cuts, a success counts to recovery."""
         backoff = self._backoff
         if signal is Signal.THROTTLE:
-            self.state.successes = 0
-            self.state.throttled += 1
-            self.state.factor = max(self.state.factor * backoff.cut_factor, 1e-3)
-            self._apply()
-            await self.concurrency.set_limit(self._concurrency())
+            self.throttle()
         elif signal is Signal.NONE and self.state.factor < 1.0:
             self.state.successes += 1
             if self.state.successes >= backoff.recover_after:

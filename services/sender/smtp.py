@@ -58,9 +58,11 @@ def _lost(text: str) -> SmtpReply:
 class ConnectFailed(Exception):
     """No session could be opened: the reply says why (4.4.1, a greeting, TLS failure)."""
 
-    def __init__(self, reply: SmtpReply) -> None:
+    def __init__(self, reply: SmtpReply, *, from_server: bool = False) -> None:
         super().__init__(reply.text)
         self.reply = reply
+        #: The reply is the server's own (its greeting, or its answer to EHLO), not ours.
+        self.from_server = from_server
 
 
 @dataclass(frozen=True)
@@ -353,9 +355,9 @@ class SmtpPool:
                 # After STARTTLS the session starts over (RFC 3207): EHLO again, now, so the
                 # extensions are known before the first transaction.
                 await client.ehlo()
-        except aiosmtplib.SMTPConnectResponseError as exc:
+        except (aiosmtplib.SMTPConnectResponseError, aiosmtplib.SMTPHeloError) as exc:
             client.close()
-            raise ConnectFailed(reply_of(exc.code, exc.message)) from None
+            raise ConnectFailed(reply_of(exc.code, exc.message), from_server=True) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             client.close()
             enhanced = "4.7.5" if tls == "required" else "4.4.1"

@@ -17,7 +17,7 @@ from confluent_kafka import Producer
 from schemas.records import ControlAction, ControlCommand
 from tests.integration.conftest import Stack, topic, unique
 from tests.support.kafka import BOOTSTRAP, EventLog, TopicTail
-from tests.support.smtp_server import SmtpScript
+from tests.support.smtp_server import RunningSmtpServer, SmtpScript, start_smtp_server
 
 
 def post(stack: Stack, recipients: list[str], subject: str = "s", pool: str | None = None) -> str:
@@ -237,3 +237,68 @@ def test_retry_timing_follows_the_schedule(stack: Stack, events: EventLog) -> No
 def _json(value: bytes | None) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(value or b"{}")
     return result
+
+
+@pytest.fixture
+def own_mx(stack: Stack) -> Iterator[tuple[str, RunningSmtpServer]]:
+    """A domain of the `mxtest` pool whose only MX is a server of its own (127.0.0.8)."""
+    domain = f"greet-{uuid.uuid4().hex[:8]}.example"
+    server = start_smtp_server("127.0.0.8", stack.mx.port)
+    stack.dns.update({domain: {"MX": [(10, f"mx.{domain}")]}, f"mx.{domain}": {"A": ["127.0.0.8"]}})
+    try:
+        yield domain, server
+    finally:
+        server.stop()
+
+
+def test_a_blocking_greeting_pauses_the_destination_and_defers_its_mail(
+    stack: Stack, events: EventLog, own_mx: tuple[str, RunningSmtpServer]
+) -> None:
+    domain, server = own_mx
+    scope = f"domain:{domain}@pool:mxtest"
+    server.set_script(
+        SmtpScript(greeting="554 5.7.1 Service unavailable; client host blocked using Spamhaus")
+    )
+    controls = TopicTail(topic("mail.control"))
+    try:
+        first = unique("g1", domain)
+        post(stack, [first], pool="mxtest")
+        records = controls.wait_for(
+            lambda rs: any(r.key() == scope.encode() for r in rs), timeout_s=20
+        )
+        pause = ControlCommand.model_validate_json(
+            next(r.value() for r in records if r.key() == scope.encode()) or b""
+        )
+        assert pause.action is ControlAction.PAUSE and "Spamhaus" in (pause.reason or "")
+        deferred = events.wait_types(first, {"deferred"})
+        assert not [e for e in events.events(first) if e.type.value == "bounced"]
+        event = next(e for e in deferred if e.type.value == "deferred")
+        assert event.smtp is not None and event.smtp.code == 554
+        assert event.category == "spam-blocked" and "paused" in (event.detail or "")
+        server.set_script(SmtpScript())
+        control(scope, None)  # an operator resumes: the held message goes
+        events.wait_types(first, {"delivered"}, timeout_s=40)
+        assert len(server.messages_for(first)) == 1
+    finally:
+        control(scope, None)
+        controls.stop()
+
+
+def test_a_slow_down_greeting_backs_the_destination_off(
+    stack: Stack, events: EventLog, own_mx: tuple[str, RunningSmtpServer]
+) -> None:
+    domain, server = own_mx
+    server.set_script(SmtpScript(greeting="421 4.7.0 Too many connections, try again later"))
+    first = unique("t1", domain)
+    post(stack, [first], pool="mxtest")
+    events.wait_types(first, {"deferred"})
+    deadline = time.monotonic() + 10
+    factor = None
+    while time.monotonic() < deadline and factor is None:
+        factor = metric(
+            stack, "sender-mx", "mailrail_destination_backoff_factor", destination=domain
+        )
+        time.sleep(0.5)
+    assert factor is not None and factor < 1.0
+    server.set_script(SmtpScript())
+    events.wait_types(first, {"delivered"}, timeout_s=30)

@@ -1,5 +1,6 @@
 """Rate windows, backoff and controls, driven by a fake clock."""
 
+import bisect
 import itertools
 from datetime import UTC, datetime, timedelta
 
@@ -9,7 +10,7 @@ from schemas.api import Content
 from schemas.records import BatchRecipient, ControlAction, ControlCommand, DeliveryBatch, SmtpReply
 from schemas.rules import Backoff, Shaping
 from services.sender.controls import Controls, parse_scope
-from services.sender.shaping import Destination, RateLimiter, ReplyPatterns, Signal
+from services.sender.shaping import BURST_S, Destination, RateLimiter, ReplyPatterns, Signal
 
 
 class FakeClock:
@@ -30,14 +31,44 @@ def test_per_second_rate_is_paced_after_a_one_second_burst() -> None:
     assert all(b - a == pytest.approx(0.1) for a, b in itertools.pairwise(slots[9:]))
 
 
+def _most_in_any_window(slots: list[float], window_s: float) -> int:
+    """The most slots any half-open window of `window_s` seconds holds."""
+    ordered = sorted(slots)
+    return max(bisect.bisect_left(ordered, t + window_s) - i for i, t in enumerate(ordered))
+
+
 def test_the_tightest_window_wins() -> None:
     clock = FakeClock()
     limiter = RateLimiter([(100, 1.0), (120, 60.0)], clock)
-    slots = limiter.reserve(121)
-    # 100 at once, then 10 ms apart until the per-minute window's 120 are spent...
-    assert slots[99] == pytest.approx(1000.0) and slots[119] == pytest.approx(1000.2)
-    assert slots[120] == pytest.approx(1000.5)
+    slots = limiter.reserve(200)
+    # The per-minute window paces at 2/s with a one-second burst (3 at once): never 100.
+    assert slots[:3] == pytest.approx([1000.0] * 3)
+    assert all(b - a == pytest.approx(0.5) for a, b in itertools.pairwise(slots[2:]))
+    assert _most_in_any_window(slots, 60.0) <= 120 + 2
     assert limiter.rate_per_s == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(("count", "seconds"), [(600, 60.0), (3600, 3600.0), (50, 1.0)])
+def test_no_sliding_window_holds_more_than_its_count_plus_one_second(
+    count: int, seconds: float
+) -> None:
+    limiter = RateLimiter([(count, seconds)], FakeClock())
+    slots = limiter.reserve(2000)
+    burst = int(min(count, count / seconds * BURST_S)) + 1
+    assert _most_in_any_window(slots, seconds) <= count + burst
+    assert _most_in_any_window(slots, 60.0) <= count / seconds * 60 + burst + 1
+
+
+def test_a_rate_change_goes_on_from_the_last_slot_without_a_new_burst() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter([(10, 1.0)], clock)
+    before = limiter.reserve(30)
+    limiter.set_windows([(5, 1.0)])  # a throttling reply halves the rate
+    after = limiter.reserve(5)
+    assert after[0] == pytest.approx(before[-1] + 0.2)
+    assert all(b - a == pytest.approx(0.2) for a, b in itertools.pairwise(after))
+    clock.now = before[-1] + 3600  # idle for an hour: a fresh (one-second) burst again
+    assert limiter.reserve(5) == pytest.approx([clock.now] * 5)
 
 
 def test_unlimited_limiter_books_now() -> None:
