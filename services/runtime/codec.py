@@ -27,7 +27,8 @@ def encode(model: BaseModel) -> bytes:
 
 def event_output(event: DeliveryEvent) -> Output:
     metrics.EVENTS.labels(event.type.value, event.pool).inc()
-    if event.type is EventType.BOUNCED:
+    # An expiry ends a recipient as undeliverable: it counts as a bounce (category expired).
+    if event.type in (EventType.BOUNCED, EventType.EXPIRED):
         metrics.BOUNCES.labels(event.pool, str(event.category or "other")).inc()
     return Output(EVENTS, encode(event), event.message_id)
 

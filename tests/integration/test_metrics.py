@@ -83,6 +83,8 @@ async def test_every_service_counts_what_happened(stack: Stack, events: EventLog
         lambda _: any(e.type.value == "suppressed" for e in events.events(bad)), timeout_s=20
     )
 
+    events.wait_types(later, {"expired"}, timeout_s=60)
+
     def moved(service: str, name: str, **labels: str) -> float:
         return value(scrape(stack, service), name, **labels) - value(
             before[service], name, **labels
@@ -95,6 +97,7 @@ async def test_every_service_counts_what_happened(stack: Stack, events: EventLog
     assert moved("sender", "mailrail_events_total", type="deferred") >= 1
     assert moved("sender", "mailrail_events_total", type="bounced") >= 1
     assert moved("sender", "mailrail_bounces_total", category="bad-mailbox") >= 1
+    assert moved("sender", "mailrail_bounces_total", category="expired") >= 1
     assert moved("bounce", "mailrail_events_total", type="complained") >= 1
     assert (
         moved(
