@@ -1,11 +1,14 @@
 """Where to deliver a domain's mail: MX by preference (random among equals), A/AAAA fallback.
 
-Answers are cached for their TTL. Failures are returned as SMTP-style replies so the caller
+Answers are cached for their TTL (the lowest of the MX and address records, at most
+`MAX_TTL_S`); NXDOMAIN and null MX for `NEGATIVE_TTL_S`; SERVFAIL and timeouts not at all,
+so the next attempt asks again. Failures are returned as SMTP-style replies so the caller
 handles them like any other: NXDOMAIN and null MX bounce, SERVFAIL and timeouts defer.
 """
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -17,6 +20,8 @@ from schemas.records import SmtpReply
 
 DNS_TIMEOUT_S = 10.0
 NEGATIVE_TTL_S = 60.0
+#: However long a record says: a destination that moves its MX is followed within the hour.
+MAX_TTL_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,10 @@ class MxRoute:
 
 class MxResolver:
     def __init__(
-        self, nameserver: tuple[str, int] | None = None, timeout_s: float = DNS_TIMEOUT_S
+        self,
+        nameserver: tuple[str, int] | None = None,
+        timeout_s: float = DNS_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if nameserver is None:
             self._resolver = dns.asyncresolver.Resolver()
@@ -46,15 +54,16 @@ class MxResolver:
             self._resolver.port = nameserver[1]
         self._resolver.lifetime = timeout_s
         self._cache: dict[str, tuple[float, MxRoute]] = {}
+        self._clock = clock
 
     async def resolve(self, domain: str) -> MxRoute:
         cached = self._cache.get(domain)
-        now = time.monotonic()
+        now = self._clock()
         if cached is not None and cached[0] > now:
             return _shuffle_equal(cached[1])
         route, ttl_s = await self._lookup(domain)
         if route.failure is None or route.failure.code >= 500:
-            self._cache[domain] = (now + ttl_s, route)
+            self._cache[domain] = (now + min(ttl_s, MAX_TTL_S), route)
         return _shuffle_equal(route)
 
     async def _lookup(self, domain: str) -> tuple[MxRoute, float]:
@@ -65,7 +74,7 @@ class MxResolver:
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
             return _fail(451, "4.4.3", f"DNS lookup of {domain} MX failed: {exc}"), 0.0
         records = sorted((r.preference, r.exchange.to_text().rstrip(".")) for r in answer)
-        ttl_s = float(answer.rrset.ttl) if answer.rrset is not None else NEGATIVE_TTL_S
+        ttl_s = float(answer.rrset.ttl) if answer.rrset is not None else MAX_TTL_S
         if not records:
             # RFC 5321 §5.1: no MX → the domain itself is the implicit MX.
             records = [(0, domain)]
@@ -83,16 +92,16 @@ class MxResolver:
 
     async def _addresses(self, name: str) -> tuple[tuple[str, ...], float]:
         addresses: list[str] = []
-        ttl_s = NEGATIVE_TTL_S
+        ttls: list[float] = []
         for rdtype in ("A", "AAAA"):
             try:
                 answer = await self._resolver.resolve(name, rdtype, raise_on_no_answer=False)
             except (dns.resolver.NXDOMAIN, dns.exception.Timeout, dns.resolver.NoNameservers):
                 continue
             if answer.rrset is not None:
-                ttl_s = min(ttl_s, float(answer.rrset.ttl))
+                ttls.append(float(answer.rrset.ttl))
                 addresses.extend(r.to_text() for r in answer)
-        return tuple(addresses), ttl_s
+        return tuple(addresses), min(ttls, default=NEGATIVE_TTL_S)
 
 
 def _fail(code: int, enhanced: str, text: str) -> MxRoute:

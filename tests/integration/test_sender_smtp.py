@@ -171,6 +171,32 @@ async def test_mx_answers_are_cached_for_their_ttl(
     assert dns.query_count("c.example", "MX") == 1
 
 
+async def test_the_resolver_keeps_an_answer_for_its_ttl_and_asks_again_after(
+    dns_server_factory: DnsServerFactory,
+) -> None:
+    dns = dns_server_factory(
+        {
+            "long.example": {"MX": [(10, "mx.long.example")], "ttl": 900},
+            "mx.long.example": {"A": ["127.0.0.16"], "ttl": 600},
+            "short.example": {"MX": [(10, "mx.short.example")], "ttl": 900},
+            "mx.short.example": {"A": ["127.0.0.17"], "ttl": 5},
+        }
+    )
+    now = [1000.0]
+    host, port = dns.address.rsplit(":", 1)
+    resolver = MxResolver((host, int(port)), timeout_s=2.0, clock=lambda: now[0])
+    for domain in ("long.example", "short.example"):
+        await resolver.resolve(domain)
+    now[0] += 120  # past a 60 s cap, within both MX TTLs and the A record's 600 s
+    await resolver.resolve("long.example")
+    assert dns.query_count("long.example", "MX") == 1
+    await resolver.resolve("short.example")  # its address lived 5 s: the route with it
+    assert dns.query_count("short.example", "MX") == 2
+    now[0] += 500  # 620 s in all: the lowest TTL of the route (its A record) ran out
+    await resolver.resolve("long.example")
+    assert dns.query_count("long.example", "MX") == 2
+
+
 async def test_message_larger_than_the_servers_size_is_refused_before_data(
     smtp_server_factory: SmtpServerFactory,
 ) -> None:
