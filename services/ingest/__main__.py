@@ -71,7 +71,10 @@ async def main(settings: IngestSettings, stop: asyncio.Event) -> None:
         max_keys=settings.idempotency_max_keys,
     )
     status = StatusView(
-        settings.kafka_common(), settings.status_window_s, settings.status_max_events
+        settings.kafka_common(),
+        settings.status_window_s,
+        settings.status_max_events,
+        settings.state_dir,
     )
     views = (suppressions, idempotency, status)
     for view in views:

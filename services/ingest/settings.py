@@ -32,8 +32,11 @@ class IngestSettings(ServiceSettings):
     idempotency_max_keys: int = 1_000_000
     #: The status view keeps events of messages accepted within this window ...
     status_window_s: float = 3 * 86400.0
-    #: ... and at most this many events (oldest messages dropped first).
-    status_max_events: int = 1_000_000
+    #: ... and at most this many events (oldest messages dropped first), on disk.
+    status_max_events: int = 10_000_000
+    #: Where the status view's file is kept across restarts (unset: a temporary folder,
+    #: rebuilt from mail.events at every start). In Kubernetes: an emptyDir volume.
+    state_dir: Path | None = None
     #: Webhook endpoints per tenant (YAML or JSON file, or the same JSON inline).
     webhooks_file: Path | None = None
     webhooks: SecretStr | None = None

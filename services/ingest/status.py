@@ -2,23 +2,24 @@
 
 Every replica follows `mail.events` (keyed by message id, so one message's events are in one
 partition, in order) from `window_s` ago, and so answers correctly after a restart: nothing
-lives only in a process. Each event is kept as the bytes Kafka delivered and parsed only when
-someone asks, so following is cheap.
+lives only in a process. Events are stored on disk as the bytes Kafka delivered
+(`status_store.py`: SQLite, so resident memory does not grow with the history) and parsed
+only when someone asks. With `MAILRAIL_STATE_DIR` the file outlives the process and a restart
+reads on from where it stopped; without it, every start rebuilds the view from the topic.
 
-Memory is bounded twice: messages whose first event is older than `window_s` are dropped,
-and past `max_events` events the least recently updated messages are dropped first. A
-dropped (or never seen) message answers 404; the full history stays in Kafka for the
-topic's retention (30 days).
+Bounds: messages whose first event is older than `window_s` are dropped, and past
+`max_events` events the oldest messages go first. A dropped (or never seen) message answers
+404; the full history stays in Kafka for the topic's retention (30 days).
 
 The view is eventually consistent: an event is visible here milliseconds after Kafka stored
 it, on every replica.
 """
 
 import logging
-import threading
+import shutil
+import tempfile
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -26,18 +27,14 @@ from pydantic import ValidationError
 from schemas.api import MessageStatus, RecipientTimeline, SmtpAnswer, TimelineEvent
 from schemas.catalogue import EVENTS
 from schemas.records import FINAL_EVENT_TYPES, DeliveryEvent, EventType
+from services.ingest.status_store import StatusStore
 from services.runtime.follow import Follower
 
 log = logging.getLogger(__name__)
 
 #: Events about reports that matched no message carry no timeline.
 _NOT_IN_TIMELINE = frozenset({EventType.UNMATCHED, EventType.UNPARSED})
-
-
-@dataclass(slots=True)
-class _Message:
-    first_seen_s: float
-    events: list[bytes] = field(default_factory=list)
+STATUS_FILE = "status.sqlite3"
 
 
 class StatusView:
@@ -46,21 +43,33 @@ class StatusView:
         kafka_config: dict[str, Any],
         window_s: float,
         max_events: int,
+        state_dir: Path | None = None,
         topic: str = EVENTS,
     ) -> None:
-        self._window_s = window_s
-        self._max_events = max_events
-        self._messages: OrderedDict[str, _Message] = OrderedDict()
-        self._events = 0
-        self._lock = threading.Lock()
+        """`state_dir`: where the status file lives and is kept across restarts; without
+        one, a temporary folder removed at `stop()` (the view is rebuilt at every start)."""
+        self._temporary = None if state_dir is not None else tempfile.mkdtemp("-mailrail-status")
+        folder = state_dir if state_dir is not None else Path(self._temporary or ".")
+        self._store = StatusStore(folder / STATUS_FILE, window_s, max_events)
         since_ms = int((time.time() - window_s) * 1000)
-        self._follower = Follower(kafka_config, topic, self._on_record, since_ms=since_ms)
+        self._follower = Follower(
+            kafka_config,
+            topic,
+            self._on_record,
+            since_ms=since_ms,
+            positions=self._store.positions(),
+            on_batch=self._store.flush,
+            on_stale=self._store.reset,
+        )
 
     def start(self) -> None:
         self._follower.start()
 
     def stop(self) -> None:
         self._follower.stop()
+        self._store.close()
+        if self._temporary is not None:
+            shutil.rmtree(self._temporary, ignore_errors=True)
 
     @property
     def ready(self) -> bool:
@@ -71,43 +80,18 @@ class StatusView:
 
     @property
     def event_count(self) -> int:
-        return self._events
-
-    def __len__(self) -> int:
-        return len(self._messages)
+        return self._store.event_count
 
     def _on_record(
-        self, _partition: int, _offset: int, key: bytes | None, value: bytes | None, ts_ms: int
+        self, partition: int, offset: int, key: bytes | None, value: bytes | None, ts_ms: int
     ) -> None:
         if not key or value is None:
             return
-        self.add(key.decode(errors="replace"), value, ts_ms / 1000)
-
-    def add(self, message_id: str, event: bytes, ts_s: float) -> None:
-        """Record one event (raw `DeliveryEvent` JSON) of a message."""
-        with self._lock:
-            message = self._messages.get(message_id)
-            if message is None:
-                message = self._messages[message_id] = _Message(ts_s)
-            else:
-                self._messages.move_to_end(message_id)
-            message.events.append(event)
-            self._events += 1
-            self._evict(ts_s)
-
-    def _evict(self, now_s: float) -> None:
-        while self._messages:
-            oldest_id, oldest = next(iter(self._messages.items()))
-            if self._events <= self._max_events and now_s - oldest.first_seen_s < self._window_s:
-                return
-            del self._messages[oldest_id]
-            self._events -= len(oldest.events)
+        self._store.add(partition, offset, key.decode(errors="replace"), value, ts_ms / 1000)
 
     def get(self, message_id: str) -> tuple[str, MessageStatus] | None:
         """(tenant, status) of a message, or None if it is not in the view."""
-        with self._lock:
-            message = self._messages.get(message_id)
-            raw = list(message.events) if message is not None else []
+        raw = self._store.events(message_id)
         events = []
         for value in raw:
             try:

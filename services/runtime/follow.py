@@ -67,10 +67,20 @@ class Follower:
         *,
         since_ms: int | None = None,
         tail_records: int | None = None,
+        positions: dict[int, int] | None = None,
+        on_batch: Callable[[], None] | None = None,
+        on_stale: Callable[[str], None] | None = None,
     ) -> None:
         """Start at the beginning; or, with `since_ms`, at the first record at or after that
         time; or, with `tail_records`, at the newest that many records (split evenly over the
-        partitions)."""
+        partitions).
+
+        A view that keeps its own state passes the `positions` it had read up to (partition →
+        next offset): those partitions read on from there. If a partition ends before its
+        position (the topic was recreated), `on_stale(reason)` is called and every partition
+        starts over from the start point. `on_batch()` is called on the follower's thread
+        after each batch of records is applied (and when a wait for records ran out), so a
+        view can commit what it wrote."""
         self._config = kafka_config | {
             "group.id": f"mailrail-view-{topic}-{uuid.uuid4().hex[:12]}",
             "enable.auto.commit": False,
@@ -88,7 +98,9 @@ class Follower:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         #: partition → offset of the next record to apply
-        self._applied: dict[int, int] = {}
+        self._applied: dict[int, int] = dict(positions or {})
+        self._on_batch = on_batch
+        self._on_stale = on_stale
         #: partition → end offset seen at start, until read up to it
         self._targets: dict[int, int] = {}
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
@@ -145,6 +157,8 @@ class Follower:
             started = time.monotonic()
             while not self._stop.is_set():
                 self._apply(take(consumer, BATCH, POLL_TIMEOUT_S))
+                if self._on_batch is not None:
+                    self._on_batch()
                 if not self._targets and not self._caught_up.is_set():
                     self._caught_up.set()
                     log.info(
@@ -161,6 +175,20 @@ class Follower:
             reason = "no partitions" if topic is None or topic.error is None else topic.error
             raise TopicNotReady(f"{self._topic}: {reason}")
         partitions = sorted(topic.partitions)
+        watermarks = {
+            p: consumer.get_watermark_offsets(
+                TopicPartition(self._topic, p), timeout=METADATA_TIMEOUT_S
+            )
+            for p in partitions
+        }
+        behind = [p for p in partitions if self._applied.get(p, 0) > watermarks[p][1]]
+        if behind:
+            reason = f"{self._topic} partitions {behind} end before the positions read"
+            log.warning("view starts over", extra={"topic": self._topic, "reason": reason})
+            if self._on_stale is not None:
+                self._on_stale(reason)
+            with self._lock:
+                self._applied.clear()
         fresh = [p for p in partitions if p not in self._applied]
         by_time: dict[int, int] = {}
         if self._since_ms is not None and fresh:
@@ -173,9 +201,7 @@ class Follower:
         begins: dict[int, int] = {}
         targets: dict[int, int] = {}
         for partition in partitions:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(self._topic, partition), timeout=METADATA_TIMEOUT_S
-            )
+            low, high = watermarks[partition]
             if partition in self._applied:
                 begin = self._applied[partition]
             elif partition in by_time:

@@ -4,6 +4,7 @@ replicas racing on one Idempotency-Key, status after a restart, and signed webho
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 import uuid
@@ -173,6 +174,45 @@ def test_a_new_replica_knows_earlier_messages_and_keys(
         replay = client.post("/v1/messages", json=body(rcpt), headers=key)
     assert status.json()["recipients"][0]["final"] == "delivered"
     assert replay.status_code == 202 and replay.json() == first
+
+
+def _final_state(replica: Replica, message_id: str, timeout_s: float = 30.0) -> str:
+    with replica.client() as client:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = client.get(f"/v1/messages/{message_id}")
+            if status.status_code == 200 and status.json()["recipients"][0].get("final"):
+                return str(status.json()["recipients"][0]["final"])
+            assert time.monotonic() < deadline, status.text
+            time.sleep(0.3)
+
+
+def test_a_replica_with_a_state_dir_keeps_its_status_file_across_restarts(
+    stack: Stack, replicas: Any, events: EventLog, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    first_rcpt = unique("state-a")
+    with stack.client() as client:
+        first = client.post("/v1/messages", json=body(first_rcpt)).json()
+    events.wait_types(first_rcpt, {"delivered"})
+    replica = replicas(MAILRAIL_STATE_DIR=str(state))
+    assert _final_state(replica, first["id"]) == "delivered"
+    replica.process.stop()
+    status_file = state / "status.sqlite3"
+    assert status_file.exists() and status_file.stat().st_size > 0
+    later_rcpt = unique("state-b")  # written while the replica was down
+    with stack.client() as client:
+        later = client.post("/v1/messages", json=body(later_rcpt)).json()
+    events.wait_types(later_rcpt, {"delivered"})
+    again = replicas(MAILRAIL_STATE_DIR=str(state))
+    assert _final_state(again, first["id"]) == "delivered"
+    assert _final_state(again, later["id"]) == "delivered"
+    with sqlite3.connect(status_file) as db:
+        rows = db.execute(
+            "SELECT COUNT(*) FROM events WHERE message_id = ?", (first["id"],)
+        ).fetchone()
+    logged = [e for e in events.events() if e.message_id == first["id"]]
+    assert rows[0] == len(logged) >= 3  # each event stored once, not once per start
 
 
 class _Receiver(BaseHTTPRequestHandler):
