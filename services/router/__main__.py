@@ -1,10 +1,14 @@
 """Router: `mail.accepted` and the retry tiers → `mail.outbound.<pool>`.
 
 One consumer loop for accepted mail and one per retry tier, so a tier full of batches that are
-not yet due never holds back fresh mail or a shorter tier.
+not yet due never holds back fresh mail or a shorter tier. A batch a sender held for a pause
+waits until it is due *or* the pause is lifted (or a MOVE or PURGE takes it over): the router
+follows `mail.control` and re-checks its waiting batches on every change, so a resume
+releases held mail within a second instead of at the next re-check.
 """
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -17,6 +21,7 @@ from schemas.rules import Rules, load_rules
 from services.router.route import recheck, route
 from services.router.settings import RouterSettings
 from services.runtime.codec import batch_output, decode, event_output
+from services.runtime.controls import Controls, ControlView
 from services.runtime.dns import MxResolver
 from services.runtime.health import Health
 from services.runtime.http import admin_app, serve_http
@@ -29,11 +34,22 @@ from services.runtime.suppression import SuppressionView
 
 class Router:
     def __init__(
-        self, rules: Rules, suppressions: SuppressionView, resolver: MxResolver | None
+        self,
+        rules: Rules,
+        suppressions: SuppressionView,
+        resolver: MxResolver | None,
+        controls: Controls | None = None,
     ) -> None:
         self._rules = rules
         self._suppressions = suppressions
         self._resolver = resolver
+        self._controls = controls
+        self._changed = asyncio.Event()
+
+    def controls_changed(self) -> None:
+        """Wake every batch waiting on a pause (call on the event loop's thread)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def _mx_keys(self, accepted: AcceptedMessage) -> dict[str, str]:
         """Throttle keys of provider groups matched by MX host (cached for the answers' TTL)."""
@@ -57,12 +73,26 @@ class Router:
 
     async def on_retry(self, message: Message) -> Sequence[Output]:
         batch = decode(DeliveryBatch, message)
-        await _sleep_until(batch.not_before)
+        if batch.held_for == "paused" and self._controls is not None:
+            await self._wait_while_held(batch)
+        else:
+            await _sleep_until(batch.not_before)
         live, events = recheck(batch, self._suppressions.is_suppressed)
         outputs = [event_output(e) for e in events]
         if live is not None:
             outputs.append(batch_output(outbound_topic(live.pool), live))
         return outputs
+
+    async def _wait_while_held(self, batch: DeliveryBatch) -> None:
+        assert self._controls is not None
+        while self._controls.still_held(batch):
+            delay_s = (
+                0.0 if batch.not_before is None else (batch.not_before - utc_now()).total_seconds()
+            )
+            if delay_s <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), delay_s)
 
 
 async def _sleep_until(due: datetime | None) -> None:
@@ -78,12 +108,18 @@ async def main(settings: RouterSettings, stop: asyncio.Event) -> None:
     suppressions = SuppressionView(settings.kafka_common())
     suppressions.start()
     health.add_check("suppressions", lambda: suppressions.ready)
-    await asyncio.to_thread(suppressions.wait_ready, 60.0)
-    producer = AsyncProducer(settings.producer_config())
     resolver = None
     if rules.needs_mx:
         resolver = MxResolver(split_host_port(settings.dns, 53) if settings.dns else None)
-    router = Router(rules, suppressions, resolver)
+    controls = ControlView(settings.kafka_common())
+    router = Router(rules, suppressions, resolver, controls.controls)
+    loop = asyncio.get_running_loop()
+    controls.on_change = lambda: loop.call_soon_threadsafe(router.controls_changed)
+    controls.start()
+    health.add_check("controls", lambda: controls.ready)
+    await asyncio.to_thread(suppressions.wait_ready, 60.0)
+    await asyncio.to_thread(controls.wait_ready, 30.0)
+    producer = AsyncProducer(settings.producer_config())
     loops = [
         consumer_loop(
             settings,
@@ -119,6 +155,7 @@ async def main(settings: RouterSettings, stop: asyncio.Event) -> None:
     finally:
         producer.close()
         suppressions.stop()
+        controls.stop()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from schemas.catalogue import CONTROL, outbound_topic
 from schemas.records import DeliveryBatch
 from schemas.rules import load_rules
 from services.runtime.codec import decode
+from services.runtime.controls import ControlView
 from services.runtime.dns import MxResolver
 from services.runtime.health import Health
 from services.runtime.http import admin_app, serve_http
@@ -18,7 +19,6 @@ from services.runtime.producer import AsyncProducer
 from services.runtime.service import consumer_loop, run_service, run_until_stopped
 from services.runtime.settings import split_host_port
 from services.sender.blocklist import BlocklistWatch, WatchConfig, resolver_for
-from services.sender.controls import ControlView
 from services.sender.deliver import Deliverer, DeliveryPolicy
 from services.sender.dkim import DkimSigner
 from services.sender.dkim_keys import DkimKeyError, load_keyring

@@ -30,11 +30,11 @@ from schemas.rules import Pool, Rules
 from services.bounce.classify import classify
 from services.bounce.verp import encode_return_path
 from services.runtime.codec import batch_output, control_output, event_output
+from services.runtime.controls import Controls, scope_for
 from services.runtime.dns import MxHost, MxResolver, MxRoute
 from services.runtime.loop import Output
 from services.sender import metrics
 from services.sender.compose import Composer, compose, personalised
-from services.sender.controls import Controls, scope_for
 from services.sender.dkim import DkimSigner
 from services.sender.ledger import LEDGER_REPLY, DeliveryLedger
 from services.sender.retry import expired, next_delay, tier_for
@@ -381,7 +381,9 @@ class Deliverer:
         the reply that paused the destination is their reason too."""
         now = utc_now()
         category = classify(reply.code, reply.enhanced, reply.text).category
-        detail = f"not tried: {scope_for(batch)} paused for {self._rules.backoff.block_pause_s:.0f} s"
+        detail = (
+            f"not tried: {scope_for(batch)} paused for {self._rules.backoff.block_pause_s:.0f} s"
+        )
         return [
             self._event(batch, r, EventType.DEFERRED, reply, None, now, category, False, detail)
             for r in recipients
@@ -395,13 +397,17 @@ class Deliverer:
         reason: str,
         now: datetime,
     ) -> list[Output]:
-        """Move recipients to a delay topic without counting an attempt (or expire them)."""
-        if until > batch.accepted_at + self._policy.max_age:
+        """Move recipients to a delay topic without counting an attempt, at most until the
+        message's maximum age (a pause lifted before then still lets it go); past that age,
+        expire them."""
+        deadline = batch.accepted_at + self._policy.max_age
+        if now >= deadline:
             reply = SmtpReply(code=451, enhanced="4.4.7", text=f"expired while held ({reason})")
             return [
                 self._event(batch, r, EventType.EXPIRED, reply, None, now, Category.EXPIRED, True)
                 for r in recipients
             ]
+        until = min(until, deadline)
         held = batch.model_copy(
             update={"recipients": recipients, "not_before": until, "held_for": reason}
         )

@@ -29,10 +29,10 @@ from schemas.records import (
     stats_key,
     utc_now,
 )
+from services.runtime.controls import Controls
 from services.runtime.loop import Output
 from services.runtime.producer import AsyncProducer
 from services.sender import metrics
-from services.sender.controls import Controls
 from services.sender.shaping import Destination
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from schemas.catalogue import outbound_topic
 from schemas.categories import Category
 from schemas.records import ControlCommand, DeliveryBatch, DeliveryEvent, EventType, utc_now
 from services.runtime.codec import batch_output, event_output
+from services.runtime.controls import Controls
 from services.runtime.loop import Output
-from services.sender.controls import Controls
 
 log = logging.getLogger(__name__)
 

@@ -135,7 +135,9 @@ def stack(
         "MAILRAIL_MAX_AGE_S": MAX_AGE_S,
         "MAILRAIL_COMMIT_INTERVAL_S": "0.5",
         "MAILRAIL_DRAIN_TIMEOUT_S": "20",
-        "MAILRAIL_PAUSE_RECHECK_S": "2",
+        # Held mail waits this long before a sender looks again: a resume, move or purge
+        # reaching it sooner is the router's doing (it follows mail.control).
+        "MAILRAIL_PAUSE_RECHECK_S": "60",
         "MAILRAIL_BUSY_HOLD_S": "2",
         "MAILRAIL_VERP_KEY": VERP_KEY,
         "MAILRAIL_UNSUBSCRIBE_KEY": UNSUBSCRIBE_KEY,

@@ -26,6 +26,9 @@ from tests.support.kafka import BOOTSTRAP, EventLog
 
 #: The senders obey a control within this long (the contract); the tests wait it out.
 OBEY_S = 2.0
+#: Held mail is released by a resume, move or purge within this long, although the stack's
+#: senders look at held mail again only every 60 s (MAILRAIL_PAUSE_RECHECK_S).
+RELEASE_S = 10.0
 
 
 def mailrail(*args: str) -> subprocess.CompletedProcess[str]:
@@ -104,7 +107,7 @@ def test_pause_and_resume_a_destination(stack: Stack, events: EventLog) -> None:
         listed = ok("controls")
         assert f"domain:{domain}@pool:default" in listed and "mailbox provider" in listed
         assert ok("resume", domain, "--pool", "default").startswith("removed pause")
-        events.wait_types(held, {"delivered"}, timeout_s=20)
+        events.wait_types(held, {"delivered"}, timeout_s=RELEASE_S)
         wait_row("default", domain, lambda r: r["state"] != "paused" and r["delivered"] == 1)
     finally:
         mailrail("resume", domain, "--pool", "default")
@@ -127,8 +130,8 @@ def test_pause_a_pool_and_a_tenant(stack: Stack, events: EventLog) -> None:
         assert not stack.mx.messages_for(in_pool) and not stack.sink.messages_for(of_tenant)
         ok("resume", "--pool", "mxtest")
         ok("resume", "--tenant", "globex")
-        events.wait_types(in_pool, {"delivered"}, timeout_s=20)
-        events.wait_types(of_tenant, {"delivered"}, timeout_s=20)
+        events.wait_types(in_pool, {"delivered"}, timeout_s=RELEASE_S)
+        events.wait_types(of_tenant, {"delivered"}, timeout_s=RELEASE_S)
     finally:
         mailrail("resume", "--pool", "mxtest")
         mailrail("resume", "--tenant", "globex")
@@ -199,6 +202,26 @@ def test_move_a_destination_to_another_pool(stack: Stack, events: EventLog) -> N
         ok("move", "mx-routed.example", "--from", "default", "--cancel")
 
 
+def test_move_releases_mail_already_held_to_the_other_pool(stack: Stack, events: EventLog) -> None:
+    ok("pause", "mx-routed.example", "--pool", "default", "--for", "10m")
+    try:
+        time.sleep(OBEY_S)
+        held = unique("held-moved", "mx-routed.example")
+        post(stack, [held])  # the default pool, paused: held
+        wait_row("default", "mx-routed.example", lambda r: r["state"] == "paused")
+        assert not attempted(events, held)
+        ok("move", "mx-routed.example", "--from", "default", "--to", "mxtest", "--for", "10m")
+        delivered = [
+            e
+            for e in events.wait_types(held, {"delivered"}, timeout_s=RELEASE_S)
+            if e.type is EventType.DELIVERED
+        ]
+        assert delivered[0].pool == "mxtest" and stack.mx.messages_for(held)
+    finally:
+        mailrail("move", "mx-routed.example", "--from", "default", "--cancel")
+        mailrail("resume", "mx-routed.example", "--pool", "default")
+
+
 def test_purge_the_queued_mail_of_a_destination_and_of_a_tenant(
     stack: Stack, events: EventLog
 ) -> None:
@@ -219,7 +242,7 @@ def test_purge_the_queued_mail_of_a_destination_and_of_a_tenant(
         for recipient in [*queued, of_tenant]:
             bounced = [
                 e
-                for e in events.wait_types(recipient, {"bounced"}, timeout_s=20)
+                for e in events.wait_types(recipient, {"bounced"}, timeout_s=RELEASE_S)
                 if e.type is EventType.BOUNCED
             ]
             assert bounced[0].category == "purged" and bounced[0].hard

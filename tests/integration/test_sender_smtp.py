@@ -13,8 +13,8 @@ from schemas.api import Content
 from schemas.records import BatchRecipient, DeliveryBatch, DeliveryEvent, utc_now
 from schemas.rules import Pool, Rules, ShapingOverride
 from services.runtime.codec import decode as _unused  # noqa: F401
+from services.runtime.controls import Controls
 from services.runtime.dns import MxResolver
-from services.sender.controls import Controls
 from services.sender.deliver import Deliverer, DeliveryPolicy
 from services.sender.smtp import SmtpOptions, SmtpPool
 from tests.support.dns_server import NULL_MX, DnsServerFactory

@@ -10,6 +10,7 @@ from prometheus_client import REGISTRY
 
 from schemas.api import Content
 from schemas.records import BatchRecipient, ControlAction, ControlCommand, DeliveryBatch
+from services.runtime.controls import Controls
 from services.sender.blocklist import (
     BlocklistWatch,
     Listing,
@@ -17,7 +18,6 @@ from services.sender.blocklist import (
     query_name,
     resolver_for,
 )
-from services.sender.controls import Controls
 from tests.support.dns_server import DnsServerFactory, RunningDnsServer
 
 LISTED_IP = "192.0.2.10"

@@ -18,7 +18,7 @@ from schemas.api import Attachment, Content
 from schemas.records import BatchRecipient, DeliveryBatch, DeliveryEvent, EventType
 from schemas.rules import Pool, Rules
 from services.sender.compose import compose
-from services.sender.controls import Controls
+from services.runtime.controls import Controls
 from services.sender.deliver import Deliverer, DeliveryPolicy
 from services.sender.dkim import DkimSigner, Signed
 from services.sender.dkim_keys import DkimKeyError, Keyring, load_keyring

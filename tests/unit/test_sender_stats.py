@@ -22,8 +22,8 @@ from schemas.records import (
 from schemas.rules import Backoff, Shaping
 from services.ops.commands import Target, build
 from services.runtime.codec import encode
+from services.runtime.controls import Controls
 from services.runtime.loop import Output
-from services.sender.controls import Controls
 from services.sender.shaping import Destination
 from services.sender.stats import DestinationTally, Snapshotter, StatsPublisher
 

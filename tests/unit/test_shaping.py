@@ -9,7 +9,7 @@ import pytest
 from schemas.api import Content
 from schemas.records import BatchRecipient, ControlAction, ControlCommand, DeliveryBatch, SmtpReply
 from schemas.rules import Backoff, Shaping
-from services.sender.controls import Controls, parse_scope
+from services.runtime.controls import Controls, parse_scope
 from services.sender.shaping import BURST_S, Destination, RateLimiter, ReplyPatterns, Signal
 
 

@@ -18,7 +18,7 @@ from schemas.records import (
 )
 from services.bounce.suppress import suppression_for
 from services.ops.commands import Target, build
-from services.sender.controls import Controls
+from services.runtime.controls import Controls
 from services.sender.steer import steer
 
 ACCEPTED = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""Operator controls from the compacted `mail.control` topic, as the sender obeys them.
+"""Operator controls from the compacted `mail.control` topic, as senders and router obey them.
 
 A scope is `kind:value` parts joined by `@`, e.g. `domain:gmail.com@pool:marketing`; a
 command applies to a batch when every part it names matches. Kinds: `domain` (the recipient
@@ -10,6 +10,7 @@ override), MOVE (re-publish to `to_pool`), PURGE (bounce batches accepted before
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -110,6 +111,16 @@ class Controls:
         ]
         return purges[0] if purges else None
 
+    def still_held(self, batch: DeliveryBatch, now: datetime | None = None) -> bool:
+        """Whether a batch held for a pause must stay held: a pause is still in force and no
+        MOVE or PURGE has taken it over (the sender acts on those at once)."""
+        now = now or utc_now()
+        return (
+            self.paused_until(batch, now) is not None
+            and self.purge(batch, now) is None
+            and self.moved_to(batch, now) is None
+        )
+
     def paused_until(self, batch: DeliveryBatch, now: datetime | None = None) -> datetime | None:
         """When the latest pause in force for this batch ends (`datetime.max` if never)."""
         now = now or utc_now()
@@ -130,9 +141,16 @@ class Controls:
 class ControlView:
     def __init__(self, kafka_config: dict[str, Any]) -> None:
         self.controls = Controls()
+        #: Called on the reader's thread after every record applied (set before `start`).
+        self.on_change: Callable[[], object] | None = None
         self._reader = Follower(kafka_config, CONTROL, by_key(self._on_record))
 
     def _on_record(self, key: str, value: bytes | None) -> None:
+        self._apply(key, value)
+        if self.on_change is not None:
+            self.on_change()
+
+    def _apply(self, key: str, value: bytes | None) -> None:
         if value is None:
             self.controls.apply(key, None)
             return
