@@ -36,7 +36,7 @@ def build_deliverer(settings: SenderSettings, controls: ControlView) -> tuple[De
     smtp = SmtpPool(
         SmtpOptions(
             ehlo=pool.ehlo,
-            source_address=pool.source_addresses[0] if pool.source_addresses else None,
+            source_addresses=tuple(pool.source_addresses),
             command_timeout_s=settings.smtp_timeout_s,
         )
     )

@@ -3,14 +3,30 @@
 One `SmtpSession` is one connection to one MX host, reused up to the destination's
 `max_messages_per_connection`. `send()` runs one transaction for one recipient and always
 returns an `SmtpReply` — connection failures and losses included — so callers never catch.
-Where the server offers PIPELINING, MAIL, RCPT and DATA go in one round trip. Timeouts are
-RFC 5321's (5 minutes per command, 10 minutes for the final dot), not a library default.
+Where the server offers PIPELINING, MAIL, RCPT and DATA go in one round trip.
+
+Timeouts are RFC 5321 §4.5.3.2's, not a library default: `connect_timeout_s` (30 s) for the
+TCP connection only; `command_timeout_s` (5 minutes) for the 220 greeting, EHLO, STARTTLS and
+its handshake, MAIL, RCPT and DATA; `data_timeout_s` (10 minutes) for writing the body and,
+again, for the reply to the final dot.
+
+TLS, per destination (`Shaping.tls`), as Postfix's `may` and `secure` levels:
+- `opportunistic`: STARTTLS when the server offers it, its certificate not verified. If the
+  upgrade fails (handshake error, connection reset), the session is opened once more, on a new
+  connection, in plaintext (logged as a warning); a refused STARTTLS continues in plaintext.
+- `required`: the server must offer STARTTLS and its certificate must verify for the MX host
+  name (against `SmtpOptions.tls_context`, default `ssl.create_default_context()`: the
+  system's trust store, or `SSL_CERT_FILE`). Anything else is a deferral (451 4.7.x) before
+  any envelope command: mail never goes in plaintext.
+- `disabled`: never STARTTLS.
 """
 
 import asyncio
+import itertools
 import logging
 import re
 import socket
+import ssl
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +40,7 @@ from schemas.records import SmtpReply
 from schemas.rules import TlsPolicy
 from services.runtime import tracing
 from services.sender import pipelining
-from services.sender.pipelining import PipeliningProtocol
+from services.sender.pipelining import BodyNotSent, PipeliningProtocol
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +49,7 @@ pipelining.install()
 CONNECT_TIMEOUT_S = 30.0
 COMMAND_TIMEOUT_S = 300.0
 DATA_TIMEOUT_S = 600.0
+QUIT_TIMEOUT_S = 5.0
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
@@ -56,22 +73,49 @@ def _lost(text: str) -> SmtpReply:
 
 
 class ConnectFailed(Exception):
-    """No session could be opened: the reply says why (4.4.1, a greeting, TLS failure)."""
+    """No session could be opened: the reply says why (4.4.1, a greeting, TLS failure).
+
+    `from_server`: the reply is the server's own (a refusing greeting), not one made here.
+    """
 
     def __init__(self, reply: SmtpReply, *, from_server: bool = False) -> None:
         super().__init__(reply.text)
         self.reply = reply
-        #: The reply is the server's own (its greeting, or its answer to EHLO), not ours.
         self.from_server = from_server
+
+
+class _UpgradeFailed(ConnectFailed):
+    """STARTTLS was answered 220 but the TLS session did not come up (handshake error,
+    certificate refused, connection reset): the connection is closed."""
 
 
 @dataclass(frozen=True)
 class SmtpOptions:
+    """How the pool opens sessions.
+
+    `source_addresses`: the local addresses new connections are made from, in turn (round
+    robin; only those of the MX address's family); `source_address` is the one-address form
+    of the same. Neither: the system chooses. `tls_context` verifies servers where TLS is
+    required; None: `ssl.create_default_context()` (honours `SSL_CERT_FILE`).
+    """
+
     ehlo: str
     source_address: str | None = None
+    source_addresses: tuple[str, ...] = ()
     command_timeout_s: float = COMMAND_TIMEOUT_S
     data_timeout_s: float = DATA_TIMEOUT_S
     connect_timeout_s: float = CONNECT_TIMEOUT_S
+    tls_context: ssl.SSLContext | None = None
+
+    def __post_init__(self) -> None:
+        if self.source_address and self.source_addresses:
+            raise ValueError("give source_address or source_addresses, not both")
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        if self.source_addresses:
+            return tuple(self.source_addresses)
+        return (self.source_address,) if self.source_address else ()
 
 
 @dataclass
@@ -83,14 +127,30 @@ class SendResult:
 
 
 class SmtpSession:
-    def __init__(self, client: aiosmtplib.SMTP, host: str) -> None:
+    def __init__(
+        self,
+        client: aiosmtplib.SMTP,
+        host: str,
+        options: SmtpOptions | None = None,
+        source: str | None = None,
+    ) -> None:
         self.client = client
         self.host = host
+        self.options = options or SmtpOptions(ehlo=client.local_hostname or "localhost")
+        #: The local address this connection was made from (None: the system's choice).
+        self.source = source
+        #: Why TLS was given up for this session (opportunistic fallback), else None.
+        self.tls_fallback: str | None = None
         self.sent = 0
 
     @property
     def alive(self) -> bool:
         return self.client.is_connected
+
+    @property
+    def tls(self) -> bool:
+        """True when the session runs over TLS (after STARTTLS)."""
+        return self.client.is_connected and self.client.get_transport_info("sslcontext") is not None
 
     @property
     def pipelining(self) -> bool:
@@ -152,7 +212,7 @@ class SmtpSession:
         self.sent += 1
         try:
             if self.pipelining and isinstance(protocol, PipeliningProtocol):
-                replies = await protocol.pipeline(commands, self_timeout(client))
+                replies = await protocol.pipeline(commands, self.options.command_timeout_s)
             else:
                 replies = await self._one_by_one(commands)
         except (aiosmtplib.SMTPException, OSError) as exc:
@@ -180,36 +240,37 @@ class SmtpSession:
         """Without PIPELINING: stop after a refused MAIL, and skip DATA if no RCPT passed."""
         protocol = self.client.protocol
         assert protocol is not None
-        replies = [
-            await protocol.execute_command(commands[0][:-2], timeout=self_timeout(self.client))
-        ]
+        timeout = self.options.command_timeout_s
+        replies = [await protocol.execute_command(commands[0][:-2], timeout=timeout)]
         if replies[0].code >= 400:
             return replies
         for command in commands[1:-1]:
-            replies.append(
-                await protocol.execute_command(command[:-2], timeout=self_timeout(self.client))
-            )
+            replies.append(await protocol.execute_command(command[:-2], timeout=timeout))
         if any(r.code < 400 for r in replies[1:]):
-            replies.append(
-                await protocol.execute_command(b"DATA", timeout=self_timeout(self.client))
-            )
+            replies.append(await protocol.execute_command(b"DATA", timeout=timeout))
         return replies
 
     async def _body(self, data: bytes) -> SendResult:
+        """The body and the final dot: writing it may take `data_timeout_s`, and so may the
+        reply. Only a connection lost (or silent) after the whole body was written can have
+        left the message with the server."""
         client = self.client
         protocol = client.protocol
         assert protocol is not None
         body = _LEADING_DOT.sub(b"..", normalize_message_line_endings(data))
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
+        timeout = self.options.data_timeout_s
         try:
-            protocol.write(body + b".\r\n")
-        except (aiosmtplib.SMTPException, OSError) as exc:
+            if isinstance(protocol, PipeliningProtocol):
+                final = await protocol.data_block(body + b".\r\n", timeout, timeout)
+            else:
+                protocol.write(body + b".\r\n")
+                async with _lock(protocol):
+                    final = await protocol.read_response(timeout=timeout)
+        except BodyNotSent as exc:
             client.close()
             return SendResult(_lost(f"connection lost during DATA: {exc}"))
-        try:
-            async with _lock(protocol):
-                final = await protocol.read_response(timeout=DATA_TIMEOUT_S)
         except (aiosmtplib.SMTPException, OSError) as exc:
             client.close()
             return SendResult(_lost(f"no reply to the final dot: {exc}"), possible_duplicate=True)
@@ -222,21 +283,18 @@ class SmtpSession:
         protocol = self.client.protocol
         if protocol is None:
             return
+        timeout = self.options.command_timeout_s
         try:
             if replies and replies[-1].code == 354:
                 protocol.write(b".\r\n")
                 async with _lock(protocol):
-                    await protocol.read_response(timeout=COMMAND_TIMEOUT_S)
+                    await protocol.read_response(timeout=timeout)
             if any(r.code == 421 for r in replies):
                 self.client.close()
                 return
-            await protocol.execute_command(b"RSET", timeout=COMMAND_TIMEOUT_S)
+            await protocol.execute_command(b"RSET", timeout=timeout)
         except (aiosmtplib.SMTPException, OSError):
             self.client.close()
-
-
-def self_timeout(client: aiosmtplib.SMTP) -> float:
-    return client.timeout or COMMAND_TIMEOUT_S
 
 
 @asynccontextmanager
@@ -256,6 +314,14 @@ def _size_limit(client: aiosmtplib.SMTP) -> int | None:
     return int(value) if value.strip().isdigit() and int(value) > 0 else None
 
 
+def _unverified_context() -> ssl.SSLContext:
+    """Opportunistic TLS: encryption without authentication (RFC 7435), as Postfix's `may`."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 @dataclass
 class _Host:
     idle: list[SmtpSession] = field(default_factory=list)
@@ -263,12 +329,19 @@ class _Host:
 
 
 class SmtpPool:
-    """Idle sessions per (address, port, TLS policy), reused until their message limit."""
+    """Idle sessions per (address, port, TLS policy), reused until their message limit.
+
+    New connections take the options' source addresses in turn; an idle session is reused
+    whatever address it was opened from.
+    """
 
     def __init__(self, options: SmtpOptions, max_connections_per_host: int = 100) -> None:
         self._options = options
         self._hosts: dict[tuple[str, int, str], _Host] = defaultdict(_Host)
         self._max_per_host = max_connections_per_host
+        self._verified = options.tls_context or ssl.create_default_context()
+        self._unverified = _unverified_context()
+        self._turn = itertools.count()
 
     @property
     def open_connections(self) -> int:
@@ -303,6 +376,24 @@ class SmtpPool:
                 host.open -= 1
                 await _quit(session.client)
 
+    def _source_for(self, address: str) -> str | None:
+        """The next source address (round robin) of `address`'s family."""
+        sources = self._options.sources
+        if not sources:
+            return None
+        v6 = ":" in address
+        usable = [s for s in sources if (":" in s) == v6]
+        if not usable:
+            family = "IPv6" if v6 else "IPv4"
+            raise ConnectFailed(
+                SmtpReply(
+                    code=451,
+                    enhanced="4.4.1",
+                    text=f"no {family} source address in the pool for [{address}]",
+                )
+            )
+        return usable[next(self._turn) % len(usable)]
+
     async def _open(self, address: str, port: int, host_name: str, tls: TlsPolicy) -> SmtpSession:
         attributes = {
             "server.address": host_name,
@@ -311,34 +402,66 @@ class SmtpPool:
         }
         with tracing.span("smtp connect", attributes) as span:
             try:
-                return await self._connect(address, port, host_name, tls)
+                source = self._source_for(address)
+                if source is not None:
+                    span.set_attribute("network.local.address", source)
+                try:
+                    session = await self._connect(address, port, host_name, tls, source)
+                except _UpgradeFailed as failed:
+                    if tls != "opportunistic":
+                        raise
+                    session = await self._plaintext_retry(address, port, host_name, source, failed)
+                    span.set_attribute("smtp.tls.fallback", failed.reply.text)
+                span.set_attribute("smtp.tls", session.tls)
+                return session
             except ConnectFailed as failed:
                 span.set_attribute("smtp.reply.code", failed.reply.code)
                 span.set_attribute("smtp.reply.text", failed.reply.text)
                 tracing.fail(span, failed.reply.text[:200])
                 raise
 
+    async def _plaintext_retry(
+        self, address: str, port: int, host_name: str, source: str | None, failed: ConnectFailed
+    ) -> SmtpSession:
+        """Opportunistic TLS whose upgrade failed: once more, on a new connection, without TLS."""
+        log.warning(
+            "%s; opportunistic TLS: retrying once in plaintext on a new connection",
+            failed.reply.text,
+        )
+        try:
+            session = await self._connect(address, port, host_name, "disabled", source)
+        except ConnectFailed as again:
+            text = f"{failed.reply.text}; the plaintext retry failed too: {again.reply.text}"
+            reply = again.reply.model_copy(update={"text": text[:500]})
+            raise ConnectFailed(reply, from_server=again.from_server) from None
+        session.tls_fallback = failed.reply.text
+        return session
+
     async def _connect(
-        self, address: str, port: int, host_name: str, tls: TlsPolicy
+        self, address: str, port: int, host_name: str, tls: TlsPolicy, source: str | None
     ) -> SmtpSession:
         options = self._options
+        where = f"{host_name} [{address}]:{port}"
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            if options.source_address:
-                sock.bind((options.source_address, 0))
+            if source:
+                sock.bind((source, 0))
             await asyncio.wait_for(
                 loop.sock_connect(sock, (address, port)), options.connect_timeout_s
             )
-        except (OSError, TimeoutError) as exc:
+        except BaseException as exc:
             sock.close()
+            if not isinstance(exc, OSError | TimeoutError):
+                raise
+            origin = f" from {source}" if source else ""
             raise ConnectFailed(
                 SmtpReply(
                     code=451,
                     enhanced="4.4.1",
-                    text=f"connect to {host_name} [{address}]:{port}: {exc or 'timed out'}"[:500],
+                    text=f"connect to {where}{origin}: {exc or 'timed out'}"[:500],
                 )
             ) from None
         client = aiosmtplib.SMTP(
@@ -346,29 +469,79 @@ class SmtpPool:
             sock=sock,
             local_hostname=options.ehlo,
             timeout=options.command_timeout_s,
-            start_tls={"opportunistic": None, "required": True, "disabled": False}[tls],
-            validate_certs=tls == "required",
+            start_tls=False,
         )
         try:
-            await client.connect(timeout=options.connect_timeout_s)
-            if client.is_ehlo_or_helo_needed:
-                # After STARTTLS the session starts over (RFC 3207): EHLO again, now, so the
-                # extensions are known before the first transaction.
-                await client.ehlo()
+            # The socket is connected already: this reads the 220 greeting (5 minutes).
+            await client.connect(timeout=options.command_timeout_s)
+            await client.ehlo()
+            if tls != "disabled":
+                await self._starttls(client, host_name, where, tls)
+        except ConnectFailed:
+            client.close()
+            raise
         except (aiosmtplib.SMTPConnectResponseError, aiosmtplib.SMTPHeloError) as exc:
+            # The server's own refusal (its greeting, or its answer to EHLO): a reply that
+            # may mean "slow down" or "blocked" like any other.
             client.close()
             raise ConnectFailed(reply_of(exc.code, exc.message), from_server=True) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             client.close()
-            enhanced = "4.7.5" if tls == "required" else "4.4.1"
             raise ConnectFailed(
+                SmtpReply(code=451, enhanced="4.4.1", text=f"session with {where}: {exc}"[:500])
+            ) from None
+        except BaseException:
+            client.close()
+            raise
+        return SmtpSession(client, host_name, options, source)
+
+    async def _starttls(
+        self, client: aiosmtplib.SMTP, host_name: str, where: str, tls: TlsPolicy
+    ) -> None:
+        """STARTTLS as the policy says; raises ConnectFailed where the session must not go on."""
+        required = tls == "required"
+        if not client.supports_extension("starttls"):
+            if required:
+                raise ConnectFailed(
+                    SmtpReply(
+                        code=451,
+                        enhanced="4.7.4",
+                        text=f"TLS is required, but {where} does not offer STARTTLS"[:500],
+                    )
+                )
+            return
+        context = self._verified if required else self._unverified
+        try:
+            await client.starttls(
+                server_hostname=host_name.rstrip("."),
+                tls_context=context,
+                timeout=self._options.command_timeout_s,
+            )
+        except aiosmtplib.SMTPResponseException as exc:
+            # Refused (e.g. 454): no TLS layer was started, the plaintext session goes on.
+            refusal = f"{exc.code} {' '.join(exc.message.split())}"
+            if required:
+                raise ConnectFailed(
+                    SmtpReply(
+                        code=451,
+                        enhanced="4.7.4",
+                        text=f"TLS is required, but {where} refused STARTTLS: {refusal}"[:500],
+                    )
+                ) from None
+            if not client.is_connected:
+                raise ConnectFailed(reply_of(exc.code, exc.message), from_server=True) from None
+            log.info("%s refused STARTTLS (%s): going on in plaintext", where, refusal)
+            return
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise _UpgradeFailed(
                 SmtpReply(
                     code=451,
-                    enhanced=enhanced,
-                    text=f"session with {host_name} [{address}]:{port}: {exc}"[:500],
+                    enhanced="4.7.5",
+                    text=f"TLS with {where} failed: {type(exc).__name__}: {exc}"[:500],
                 )
             ) from None
-        return SmtpSession(client, host_name)
+        # RFC 3207 §4.2: what the server said before TLS is forgotten; ask again.
+        await client.ehlo()
 
     async def close(self) -> None:
         for host in self._hosts.values():
@@ -380,6 +553,6 @@ class SmtpPool:
 async def _quit(client: aiosmtplib.SMTP) -> None:
     if client.is_connected:
         try:
-            await asyncio.wait_for(client.quit(), 5)
+            await asyncio.wait_for(client.quit(), QUIT_TIMEOUT_S)
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             client.close()

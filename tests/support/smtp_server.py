@@ -112,6 +112,10 @@ class SmtpScript:
     """Reply to the final dot. A non-2xx reply means the message is not recorded."""
     reply_delay_s: float = 0.0
     """Delay before every reply."""
+    command_delays_s: Mapping[str, float] | None = None
+    """Extra delay before the reply to some commands, by verb: ``{"RCPT": 65}`` holds every
+    RCPT reply 65 s. ``"GREETING"`` holds the 220, ``"DATA"`` the 354, ``"."`` the reply
+    to the final dot. Applies to connections opened while the script has it."""
     disconnect_mid_data: bool = False
     """After the 354 and the first line of the body, close the connection."""
     drop_after_data: bool = False
@@ -341,6 +345,10 @@ class _ScriptedSMTP(SMTP):
         self.peer: tuple[str, int] = ("", 0)
         self.messages_on_connection = 0
         self._first_reply: str | None = script.greeting
+        self._command_delay_s = self._dot_delay_s = 0.0
+        if script.command_delays_s:
+            self._command_delay_s = script.command_delays_s.get("GREETING", 0.0)
+            self._delay_commands(script.command_delays_s)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         fresh = self.transport is None
@@ -364,6 +372,28 @@ class _ScriptedSMTP(SMTP):
                 for name, method in self._smtp_methods.items()
             }
 
+    def _delay_commands(self, delays: Mapping[str, float]) -> None:
+        """Wrap the handlers of the delayed verbs: their first reply waits (see ``push``)."""
+        for verb, method in list(self._smtp_methods.items()):
+            first = delays.get(verb, 0.0)
+            then = delays.get(".", 0.0) if verb == "DATA" else 0.0
+            if first > 0 or then > 0:
+                self._smtp_methods[verb] = self._delayed(method, first, then)
+
+    def _delayed(
+        self, method: Callable[[str | None], Any], first: float, then: float
+    ) -> Callable[[str | None], Any]:
+        @functools.wraps(method)
+        async def run(arg: str | None) -> None:
+            self._command_delay_s = first
+            self._dot_delay_s = then
+            try:
+                await method(arg)
+            finally:
+                self._command_delay_s = self._dot_delay_s = 0.0
+
+        return run
+
     def connection_lost(self, error: Exception | None) -> None:
         self.state.bump(open_connections=-1)
         super().connection_lost(error)
@@ -372,8 +402,11 @@ class _ScriptedSMTP(SMTP):
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
         if self._first_reply is not None:
             text, self._first_reply = self._first_reply, None
-        if self.script.reply_delay_s > 0:
-            await asyncio.sleep(self.script.reply_delay_s)
+        delay = self.script.reply_delay_s + self._command_delay_s
+        # The next reply of the same command (DATA: the final dot's) waits its own delay.
+        self._command_delay_s, self._dot_delay_s = self._dot_delay_s, 0.0
+        if delay > 0:
+            await asyncio.sleep(delay)
         await super().push(text)
         if text.startswith("421 ") and self.transport is not None:
             self.transport.close()
