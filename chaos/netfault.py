@@ -8,6 +8,10 @@ before, it either
 - `swallow`: forwards the whole body, then drops the sink's reply to the final dot and closes
   the client's connection (the sink stored the message; the sender never heard so: RFC 1047).
 Later transactions of the same recipients pass untouched, so a retry can succeed.
+
+Two more modes slow every transaction down instead: `slow-rcpt` holds the sink's reply to
+each RCPT (with PIPELINING, the replies to MAIL, RCPT and DATA together) for `delay_s`;
+`slow-dot` holds its reply to each final dot for `delay_s`.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
-Mode = Literal["cut", "swallow"]
+Mode = Literal["cut", "swallow", "slow-rcpt", "slow-dot"]
 START_TIMEOUT_S = 5.0
 END_OF_DATA = b"\r\n.\r\n"
 
@@ -30,12 +35,18 @@ class FaultStats:
     connections: int = 0
     cut: list[str] = field(default_factory=list)
     swallowed: list[str] = field(default_factory=list)
+    #: Replies held back by a slow mode, and for how long in all.
+    held: int = 0
+    held_s: float = 0.0
 
 
 class FaultProxy:
-    def __init__(self, upstream: tuple[str, int], mode: Mode, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, upstream: tuple[str, int], mode: Mode, host: str = "127.0.0.1", delay_s: float = 0.0
+    ) -> None:
         self.upstream = upstream
         self.mode = mode
+        self.delay_s = delay_s
         self.stats = FaultStats()
         self._broken: set[str] = set()
         self._lock = threading.Lock()
@@ -68,6 +79,7 @@ class FaultProxy:
             client_w.close()
             return
         swallow = asyncio.Event()
+        hold = asyncio.Event()
         done = asyncio.Event()
 
         async def downstream() -> None:
@@ -77,6 +89,12 @@ class FaultProxy:
                 chunk = await server_r.read(65536)
                 if not chunk:
                     break
+                if hold.is_set():
+                    hold.clear()
+                    started = time.monotonic()
+                    await asyncio.sleep(self.delay_s)
+                    self.stats.held += 1
+                    self.stats.held_s += time.monotonic() - started
                 if swallow.is_set():
                     buffer += chunk
                     if b"\r\n" in buffer:  # the reply to the final dot: drop it, hang up
@@ -104,6 +122,8 @@ class FaultProxy:
                     upper = line.upper()
                     if upper.startswith(b"RCPT TO:"):
                         recipients.append(_address(line))
+                        if self.mode == "slow-rcpt":
+                            hold.set()
                     if upper.startswith(b"DATA"):
                         server_w.write(line)
                         pending = pending[line_end + 2 :]
@@ -122,6 +142,8 @@ class FaultProxy:
                         if broken and self.mode == "swallow":
                             self.stats.swallowed += recipients
                             swallow.set()
+                        if self.mode == "slow-dot":
+                            hold.set()
                         server_w.write(body)
                         recipients = []
                         continue
@@ -174,8 +196,10 @@ async def _read_body(reader: asyncio.StreamReader, pending: bytes) -> tuple[byte
 
 
 @contextmanager
-def fault_proxy(upstream: tuple[str, int], mode: Mode) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(upstream, mode)
+def fault_proxy(
+    upstream: tuple[str, int], mode: Mode, delay_s: float = 0.0
+) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(upstream, mode, delay_s=delay_s)
     try:
         yield proxy
     finally:

@@ -20,13 +20,16 @@ class Scenario:
 
 
 def all_scenarios() -> dict[int, Scenario]:
-    from chaos.scenarios import brokers, inputs, processes, protocol
+    from chaos.scenarios import brokers, fuzz, inputs, processes, protocol, slow, tls
 
     found: list[Scenario] = [
         *brokers.SCENARIOS,
         *processes.SCENARIOS,
         *protocol.SCENARIOS,
+        *tls.SCENARIOS,
         *inputs.SCENARIOS,
+        *slow.SCENARIOS,
+        *fuzz.SCENARIOS,
     ]
     return {s.number: s for s in sorted(found, key=lambda s: s.number)}
 

@@ -13,3 +13,7 @@ def test_18_header_injection_and_smtp_smuggling() -> None:
 
 def test_19_no_open_relay_keys_tenants_and_secrets() -> None:
     check_small(19)
+
+
+def test_17_report_parser_address_validator_and_classifier_under_fuzzing() -> None:
+    check_small(17)
