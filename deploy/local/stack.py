@@ -119,6 +119,8 @@ def main() -> None:
         "MAILRAIL_ADMIN_KEYS": "demo-admin-key",
         "MAILRAIL_RULES": str(REPO / "deploy/local/rules.yaml"),
         "MAILRAIL_LOG_FORMAT": "text",
+        # Every message carries a one-click List-Unsubscribe link to this ingest (RFC 8058).
+        "MAILRAIL_PUBLIC_URL": f"http://{os.environ.get('MAILRAIL_HTTP_ADDR', '127.0.0.1:8080')}",
     }
     sink = ServiceProcess(
         "sink",
