@@ -37,6 +37,7 @@ POLL_TIMEOUT_S = 0.1
 METADATA_TIMEOUT_S = 10.0
 RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 5.0
+VIEW_QUEUE_KBYTES = 8192
 OnRecord = Callable[[int, int, bytes | None, bytes | None, int], None]
 OnKeyed = Callable[[str, bytes | None], None]
 
@@ -87,6 +88,11 @@ class Follower:
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,
             "fetch.wait.max.ms": 10,
+            # A view reads whole topics at start: bound what librdkafka prefetches for it
+            # (its default is 64 MiB per consumer), so loading never costs more memory than
+            # the view itself.
+            "queued.max.messages.kbytes": VIEW_QUEUE_KBYTES,
+            "fetch.max.bytes": VIEW_QUEUE_KBYTES * 1024,
             # A resumed position compacted or aged away: read on from the oldest record left.
             "auto.offset.reset": "earliest",
         }
