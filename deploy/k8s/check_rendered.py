@@ -3,7 +3,9 @@
 The standard objects are written to --standard-out for kubernetes-validate, whose bundled
 schemas know no custom resources. The custom resources Mailrail uses (KEDA ScaledObject and
 TriggerAuthentication, Strimzi KafkaTopic) get the structural checks below instead; any other
-custom kind is an error, so a misspelt apiVersion cannot slip past both.
+custom kind is an error, so a misspelt apiVersion cannot slip past both. A ScaledObject's
+`maxReplicaCount` must equal the partitions of its topic as the same rendering creates it
+(its KafkaTopic, or the plan of its topics Job: `services/runtime/topics.py`).
 
     python deploy/k8s/check_rendered.py deploy/k8s/rendered/dev.yaml --standard-out std.yaml
 """
@@ -17,10 +19,13 @@ from typing import Any, TypeGuard
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from services.runtime.topics import parser as topics_parser
+from services.runtime.topics import plan
+
 Obj = dict[str, Any]
 
-#: Partitions of mail.outbound.<pool>: no more sender replicas than that can consume.
-OUTBOUND_PARTITIONS = 16
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 KAFKA_TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 
@@ -96,6 +101,29 @@ def _container_env_names(deployment: Obj, container_name: str | None, objs: list
     return names
 
 
+def topic_partitions(objs: list[Obj]) -> dict[str, int]:
+    """Topic → partitions, as this rendering creates them: its KafkaTopics, or else what its
+    topics Job would create (its arguments, the pools of its rules ConfigMap)."""
+    topics = {
+        str(o["spec"].get("topicName")): o["spec"].get("partitions")
+        for o in objs
+        if o.get("kind") == "KafkaTopic" and isinstance(o.get("spec"), dict)
+    }
+    jobs = [
+        c
+        for o in objs
+        if o.get("kind") == "Job"
+        for c in o["spec"]["template"]["spec"]["containers"]
+        if c.get("command", [])[2:3] == ["services.runtime.topics"]
+    ]
+    rules = [o for o in objs if o.get("kind") == "ConfigMap" and "rules.yaml" in o.get("data", {})]
+    if topics or len(jobs) != 1 or len(rules) != 1:
+        return {k: v for k, v in topics.items() if _is_int(v)}
+    args = topics_parser().parse_args([str(a) for a in jobs[0].get("args", [])])
+    pools = [str(p["name"]) for p in yaml.safe_load(rules[0]["data"]["rules.yaml"])["pools"]]
+    return {t.name: t.partitions for t in plan(pools, args.min_partitions, prefix="")}
+
+
 def check_scaled_object(obj: Obj, objs: list[Obj]) -> list[str]:
     name = ref(obj)
     spec = obj.get("spec")
@@ -107,11 +135,8 @@ def check_scaled_object(obj: Obj, objs: list[Obj]) -> list[str]:
     lowest, highest = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount")
     if not _is_int(lowest) or not _is_int(highest):
         problems.append(f"{name}: minReplicaCount and maxReplicaCount must be integers")
-    elif not 0 <= lowest <= highest <= OUTBOUND_PARTITIONS:
-        problems.append(
-            f"{name}: want 0 <= minReplicaCount ({lowest}) <= maxReplicaCount ({highest})"
-            f" <= {OUTBOUND_PARTITIONS} partitions"
-        )
+    elif not 0 <= lowest <= highest:
+        problems.append(f"{name}: want 0 <= minReplicaCount ({lowest}) <= maxReplicaCount")
     target_name = spec.get("scaleTargetRef", {}).get("name")
     deployments = {
         o["metadata"]["name"]: o
@@ -142,6 +167,15 @@ def check_scaled_object(obj: Obj, objs: list[Obj]) -> list[str]:
             problems.append(f"{where}: authenticationRef names no TriggerAuthentication: {auth}")
         if trigger.get("type") != "kafka":
             continue
+        # As many consumers as the topic has partitions: more would idle, fewer cap the pool.
+        topic = metadata.get("topic")
+        partitions = topic_partitions(objs).get(str(topic))
+        if partitions is None:
+            problems.append(f"{where}: no KafkaTopic or topics Job here creates {topic!r}")
+        elif highest != partitions:
+            problems.append(
+                f"{name}: maxReplicaCount {highest} is not the {partitions} partitions of {topic}"
+            )
         for field in ("bootstrapServers", "consumerGroup", "topic"):
             if not (metadata.get(field) or metadata.get(f"{field}FromEnv")):
                 problems.append(f"{where}: kafka trigger without {field}")
@@ -194,9 +228,6 @@ def check_kafka_topic(obj: Obj, objs: list[Obj]) -> list[str]:
         isinstance(v, str | int | float | bool) for v in config.values()
     ):
         problems.append(f"{name}: spec.config must map names to scalars")
-    outbound = str(spec.get("topicName", "")).startswith("mail.outbound.")
-    if outbound and spec.get("partitions") != OUTBOUND_PARTITIONS:
-        problems.append(f"{name}: outbound topics have {OUTBOUND_PARTITIONS} partitions")
     return problems
 
 

@@ -1,10 +1,18 @@
 """DKIM private keys from a folder (`MAILRAIL_DKIM_KEYS`, a Kubernetes Secret mount).
 
-Layout, read once at start; anything wrong fails the start with the path and the reason:
+Two layouts, read once at start, which may be mixed in one folder:
 
-    <folder>/dkim.yaml                        optional, see `KeyConfig`
-    <folder>/<domain>/<selector>.rsa.pem      RSA, PKCS#1 or PKCS#8 (2048 bits; 1024 minimum)
-    <folder>/<domain>/<selector>.ed25519.pem  Ed25519, PKCS#8
+    <folder>/dkim.yaml                                   optional, see `KeyConfig`
+    <folder>/<selector>._domainkey.<domain>.rsa.pem      flat: the file name is the DNS name
+    <folder>/<selector>._domainkey.<domain>.ed25519.pem  (what a Secret can hold: no `/`)
+    <folder>/<domain>/<selector>.rsa.pem                 sub-folder per domain
+    <folder>/<domain>/<selector>.ed25519.pem
+
+RSA keys are PKCS#1 or PKCS#8 (2048 bits; 1024 minimum), Ed25519 keys PKCS#8. A flat name is
+split at its first `._domainkey.`, so domains may contain dots. Anything wrong (a `.pem` name
+neither layout reads, a bad key, the same key in both layouts) fails the start with the path
+and the reason. An empty or missing folder is no keys: mail goes out unsigned, with one
+warning in the log (tenants in `MAILRAIL_DKIM_REQUIRED_TENANTS` are held, see `dkim.py`).
 
 Names starting with a dot (a Secret mount's `..data`) and files not ending in `.pem` are
 skipped. Without `dkim.yaml` every key of a domain signs (one RSA plus one Ed25519 key gives
@@ -38,6 +46,8 @@ _KEY_FILE = re.compile(
     r"^(?P<selector>[a-z0-9](?:[a-z0-9_.-]*[a-z0-9])?)\.(?P<kind>rsa|ed25519)\.pem$"
 )
 _DOMAIN = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
+_DOMAINKEY = "._domainkey."
+FLAT_NAME = "<selector>._domainkey.<domain>.(rsa|ed25519).pem"
 
 
 class DkimKeyError(Exception):
@@ -99,8 +109,7 @@ class DkimKey:
 
     def dns_record(self) -> str:
         """The TXT record to publish at `dns_name`."""
-        kind = "rsa" if self.algorithm == "rsa-sha256" else "ed25519"
-        return f"v=DKIM1; k={kind}; p={self.public_key_b64()}"
+        return f"v=DKIM1; k={_kind(self)}; p={self.public_key_b64()}"
 
 
 @dataclass(frozen=True)
@@ -129,38 +138,84 @@ class Keyring:
 
 
 def load_keyring(folder: Path) -> Keyring:
-    """Read and check every key under `folder`; raises `DkimKeyError`."""
-    if not folder.is_dir():
+    """Read and check every key under `folder`; raises `DkimKeyError`.
+
+    An empty or missing folder gives an empty keyring (nothing is signed) and one warning.
+    """
+    if folder.exists() and not folder.is_dir():
         raise DkimKeyError(f"MAILRAIL_DKIM_KEYS={folder}: not a folder")
     config = _load_config(folder / CONFIG_FILE)
+    # (domain, name in the sub-folder layout) → where it came from and the key. Keys sort by
+    # that name, whichever layout they came from.
+    found: dict[tuple[str, str], tuple[Path, DkimKey]] = {}
+    for path, key in _read_keys(folder):
+        slot = (key.domain, f"{key.selector}.{_kind(key)}.pem")
+        if slot in found:
+            raise DkimKeyError(
+                f"{path}: the same key as {found[slot][0]} ({key.dns_name}, {_kind(key)}); "
+                "keep one of them"
+            )
+        found[slot] = (path, key)
     keys: dict[str, list[DkimKey]] = {}
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith(".") or not entry.is_dir():
-            continue
-        domain = entry.name.lower()
-        if not _DOMAIN.match(domain):
-            raise DkimKeyError(f"{entry}: folder name must be a domain name such as acme.example")
-        found = [_load_key(domain, path) for path in sorted(entry.iterdir()) if _is_pem(path)]
-        if found:
-            keys[domain] = found
-    if not keys:
-        raise DkimKeyError(f"{folder}: no <domain>/<selector>.(rsa|ed25519).pem key files")
-    active = {domain: _active(domain, found, config) for domain, found in keys.items()}
+    for slot in sorted(found):
+        keys.setdefault(slot[0], []).append(found[slot][1])
     for domain in [*config.domains, *config.platform_domains]:
         if domain not in keys:
-            raise DkimKeyError(f"{folder / CONFIG_FILE}: {domain} has no key folder {domain}/")
+            raise DkimKeyError(
+                f"{folder / CONFIG_FILE}: {domain} has no key folder {domain}/ and no "
+                f"<selector>._domainkey.{domain}.(rsa|ed25519).pem file"
+            )
+    if not keys:
+        log.warning(
+            "no DKIM keys: mail is sent unsigned",
+            extra={
+                "folder": str(folder),
+                "expected": f"{FLAT_NAME} or <domain>/<selector>.(rsa|ed25519).pem",
+            },
+        )
+        return Keyring({}, {}, {}, [])
+    active = {domain: _active(domain, loaded, config) for domain, loaded in keys.items()}
     tenants = {
         domain: frozenset(entry.tenants)
         for domain, entry in config.domains.items()
         if entry.tenants is not None
     }
     platform = [key for domain in config.platform_domains for key in active[domain]]
-    for domain, found in active.items():
+    for domain, signing in active.items():
         log.info(
             "DKIM keys loaded",
-            extra={"domain": domain, "selectors": [f"{k.selector}:{k.algorithm}" for k in found]},
+            extra={
+                "domain": domain,
+                "selectors": [f"{k.selector}:{k.algorithm}" for k in signing],
+            },
         )
     return Keyring(keys, active, tenants, platform)
+
+
+def _read_keys(folder: Path) -> list[tuple[Path, DkimKey]]:
+    """Every key file of both layouts, with its path; nothing for a missing folder."""
+    if not folder.is_dir():
+        return []
+    result: list[tuple[Path, DkimKey]] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            domain = entry.name.lower()
+            if not _DOMAIN.match(domain):
+                raise DkimKeyError(
+                    f"{entry}: folder name must be a domain name such as acme.example"
+                )
+            result.extend(
+                (path, _load_key(domain, path)) for path in sorted(entry.iterdir()) if _is_pem(path)
+            )
+        elif _is_pem(entry):
+            result.append((entry, _load_flat_key(entry)))
+    return result
+
+
+def _kind(key: DkimKey) -> str:
+    return "rsa" if key.algorithm == "rsa-sha256" else "ed25519"
 
 
 def _is_pem(path: Path) -> bool:
@@ -188,8 +243,22 @@ def _active(domain: str, found: list[DkimKey], config: KeyConfig) -> list[DkimKe
     return [key for key in found if key.selector in entry.active]
 
 
-def _load_key(domain: str, path: Path) -> DkimKey:
-    match = _KEY_FILE.match(path.name)
+def _load_flat_key(path: Path) -> DkimKey:
+    """A key of the flat layout: `<selector>._domainkey.<domain>.<alg>.pem`."""
+    selector, sep, rest = path.name.partition(_DOMAINKEY)
+    domain, dot, tail = rest.rpartition(".")
+    domain, _, kind = domain.rpartition(".")
+    key_name = f"{selector}.{kind}.{tail}"
+    if not (sep and dot and _DOMAIN.match(domain.lower()) and _KEY_FILE.match(key_name)):
+        raise DkimKeyError(
+            f"{path}: name must be {FLAT_NAME}, e.g. s2026a._domainkey.acme.example.rsa.pem"
+            " (or put the key in a folder named after its domain: <domain>/<selector>.rsa.pem)"
+        )
+    return _load_key(domain.lower(), path, key_name)
+
+
+def _load_key(domain: str, path: Path, name: str | None = None) -> DkimKey:
+    match = _KEY_FILE.match(name or path.name)
     if match is None:
         raise DkimKeyError(f"{path}: name must be <selector>.rsa.pem or <selector>.ed25519.pem")
     try:

@@ -25,7 +25,8 @@ class SenderSettings(ServiceSettings):
     busy_hold_s: float = 5.0
     #: How often mail held for a paused destination is checked again (resume takes effect).
     pause_recheck_s: float = 30.0
-    #: DKIM key folder (`<domain>/<selector>.rsa.pem`, see `dkim_keys`); unset: no signing.
+    #: DKIM key folder (`<domain>/<selector>.rsa.pem` or flat `<selector>._domainkey.<domain>.rsa.pem`,
+    #: see `dkim_keys`); unset or empty: no signing.
     dkim_keys: Path | None = None
     #: Tenants whose mail is held (deferred) rather than sent without an aligned signature.
     dkim_required_tenants: list[str] = []

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from schemas.api import Attachment, Content
 from schemas.records import BatchRecipient, DeliveryBatch, DeliveryEvent, EventType
 from schemas.rules import Pool, Rules
-from services.sender.compose import compose
 from services.runtime.controls import Controls
+from services.sender.compose import compose
 from services.sender.deliver import Deliverer, DeliveryPolicy
 from services.sender.dkim import DkimSigner, Signed
 from services.sender.dkim_keys import DkimKeyError, Keyring, load_keyring
@@ -290,6 +290,12 @@ def test_refusal_only_for_required_tenants_without_an_aligned_key(signer: DkimSi
     assert signer.refusal(tenant_batch("strict", "a@acme.example", raw_from_header)) is not None
 
 
+def a_file(folder: Path) -> Path:
+    """MAILRAIL_DKIM_KEYS pointing at a file (an empty or missing folder is no keys)."""
+    (folder / "keys.pem").write_bytes(private_key_pem("ed25519"))
+    return folder / "keys.pem"
+
+
 def write_pem(folder: Path, name: str, data: bytes) -> Path:
     (folder / "acme.example").mkdir(parents=True, exist_ok=True)
     (folder / "acme.example" / name).write_bytes(data)
@@ -299,8 +305,7 @@ def write_pem(folder: Path, name: str, data: bytes) -> Path:
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
-        (lambda f: f / "missing", "not a folder"),
-        (lambda f: f, "no <domain>/<selector>"),
+        (a_file, "not a folder"),
         (
             lambda f: write_pem(f, "k1.pem", private_key_pem("ed25519")),
             "name must be <selector>.rsa.pem",
@@ -323,7 +328,7 @@ def write_pem(folder: Path, name: str, data: bytes) -> Path:
             "password-protected",
         ),
     ],
-    ids=["missing", "empty", "bad name", "garbage", "wrong kind", "encrypted"],
+    ids=["a file", "bad name", "garbage", "wrong kind", "encrypted"],
 )
 def test_bad_key_folder_fails_with_the_file_and_reason(
     setup: object, message: str, tmp_path: Path
@@ -421,3 +426,133 @@ async def test_deliverer_sends_signed_and_holds_required_tenant_without_key(
     assert deferred.smtp.text.startswith("held: tenant strict requires DKIM signing")
     assert deferred.dkim is not None and deferred.dkim.startswith("unsigned: held")
     assert any(o.topic.startswith("mail.retry.") for o in held)
+
+
+# --- the flat layout (a Kubernetes Secret's keys), mixed layouts, no keys ------------------
+
+
+def write_flat(folder: Path, names: dict[str, str]) -> Path:
+    """`names` maps a flat file name to its key kind (rsa or ed25519)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, kind in names.items():
+        (folder / name).write_bytes(private_key_pem(kind))
+    return folder
+
+
+def as_secret_volume(folder: Path) -> Path:
+    """The folder as the kubelet mounts a Secret: `..<timestamp>/` with the files, `..data`
+    linking to it, and one top-level symlink per key through `..data`."""
+    stamp = folder / "..2026_05_01_00_00_00.000000001"
+    stamp.mkdir()
+    for entry in sorted(folder.iterdir()):
+        if not entry.name.startswith("."):
+            entry.rename(stamp / entry.name)
+    (folder / "..data").symlink_to(stamp.name)
+    for entry in sorted(stamp.iterdir()):
+        (folder / entry.name).symlink_to(Path("..data") / entry.name)
+    return folder
+
+
+def test_flat_layout_loads_and_signs(tmp_path: Path) -> None:
+    folder = write_flat(
+        tmp_path / "keys",
+        {
+            "s2026a._domainkey.acme.example.rsa.pem": "rsa",
+            "s2026e._domainkey.acme.example.ed25519.pem": "ed25519",
+            # A domain with more dots, a selector with one: split at the first "._domainkey.".
+            "mr.1._domainkey.mail.platform.example.ed25519.pem": "ed25519",
+        },
+    )
+    (folder / "dkim.yaml").write_text("platform_domains: [mail.platform.example]\n")
+    keyring = load_keyring(as_secret_volume(folder))
+    assert [k.dns_name for k in keyring.keys["acme.example"]] == [
+        "s2026a._domainkey.acme.example",
+        "s2026e._domainkey.acme.example",
+    ]
+    assert [k.dns_name for k in keyring.platform] == ["mr.1._domainkey.mail.platform.example"]
+    with start_dns_server(dkim_records(folder)) as dns_server:
+        message = b"From: Shop <shop@acme.example>\r\nSubject: s\r\n\r\nbody\r\n"
+        signed = DkimSigner(keyring, frozenset()).sign(message, "acme")
+        assert signed.summary == (
+            "aligned: acme.example/s2026a, acme.example/s2026e, mail.platform.example/mr.1"
+        )
+        assert verify_all(signed.data, dkim_dnsfunc(dns_server.address)) == [True, True, True]
+
+
+def test_mixed_layouts_make_one_keyring(tmp_path: Path) -> None:
+    folder = write_key_folder(tmp_path, {"acme.example": ["a1.rsa"], "other.example": ["o1.rsa"]})
+    write_flat(
+        folder,
+        {
+            "a2._domainkey.acme.example.ed25519.pem": "ed25519",
+            "n1._domainkey.new.example.ed25519.pem": "ed25519",
+        },
+    )
+    (folder / "dkim.yaml").write_text("domains: {acme.example: {active: [a2]}}\n")
+    keyring = load_keyring(folder)
+    assert {d: [k.selector for k in keys] for d, keys in keyring.keys.items()} == {
+        "acme.example": ["a1", "a2"],
+        "new.example": ["n1"],
+        "other.example": ["o1"],
+    }
+    assert [k.selector for k in keyring.active["acme.example"]] == ["a2"]
+
+    # The same key in both layouts is a mistake, not a choice.
+    write_flat(folder, {"a1._domainkey.acme.example.rsa.pem": "rsa"})
+    with pytest.raises(DkimKeyError, match="the same key as") as raised:
+        load_keyring(folder)
+    assert str(folder / "acme.example" / "a1.rsa.pem") in str(raised.value)
+    assert str(folder / "a1._domainkey.acme.example.rsa.pem") in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "acme.example.s2026a.rsa.pem",  # the domain first, no _domainkey
+        "s2026a._domainkey.acme.example.pem",  # no algorithm
+        "s2026a._domainkey.acme.example.dsa.pem",  # not rsa or ed25519
+        "s2026a._domainkey.localhost.rsa.pem",  # not a domain name
+        "-bad-._domainkey.acme.example.rsa.pem",  # not a selector
+        "tls.pem",  # something else entirely
+    ],
+)
+def test_flat_name_it_cannot_read_is_refused_with_its_path(name: str, tmp_path: Path) -> None:
+    folder = write_key_folder(tmp_path, {"acme.example": ["k.ed25519"]})
+    (folder / name).write_bytes(private_key_pem("rsa"))
+    with pytest.raises(DkimKeyError) as raised:
+        load_keyring(folder)
+    assert str(raised.value).startswith(f"{folder / name}: name must be <selector>._domainkey.")
+
+
+@pytest.mark.parametrize("where", ["empty", "missing", "empty Secret volume"])
+def test_empty_or_missing_folder_is_no_keys(
+    where: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "keys"
+    if where != "missing":
+        folder.mkdir()
+    if where == "empty Secret volume":
+        as_secret_volume(folder)
+    with caplog.at_level("WARNING", logger="services.sender.dkim_keys"):
+        keyring = load_keyring(folder)
+    assert keyring.keys == {} and keyring.active == {} and keyring.platform == []
+    assert [r.getMessage() for r in caplog.records] == ["no DKIM keys: mail is sent unsigned"]
+
+    signer = DkimSigner(keyring, frozenset({"strict"}))
+    message = b"From: a@acme.example\r\nSubject: s\r\n\r\nbody\r\n"
+    assert signer.sign(message, "acme") == Signed(message, "unsigned: no key for acme.example")
+    content = Content(subject="s", text="t")
+    assert signer.refusal(batch(content, "a@acme.example")) is None
+    held = signer.refusal(batch(content, "a@acme.example").model_copy(update={"tenant": "strict"}))
+    assert held is not None and held.code == 451
+    assert held.text == (
+        "held: tenant strict requires DKIM signing and there is no key for acme.example"
+    )
+
+
+def test_config_naming_a_domain_without_keys_still_fails(tmp_path: Path) -> None:
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    (folder / "dkim.yaml").write_text("platform_domains: [mailrail.example]\n")
+    with pytest.raises(DkimKeyError, match=r"mailrail\.example has no key folder"):
+        load_keyring(folder)
