@@ -1,0 +1,107 @@
+"""The shared consumer loop against the real broker: in-flight work is bounded (partitions
+pause, nothing piles up in memory), and offsets are committed only for finished records."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Sequence
+
+import pytest
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from services.runtime.health import Health
+from services.runtime.loop import ConsumerLoop, Output
+from services.runtime.producer import AsyncProducer
+from services.runtime.settings import ServiceSettings
+from tests.support.kafka import BOOTSTRAP, broker_available
+
+pytestmark = pytest.mark.skipif(not broker_available(), reason="no Kafka broker")
+
+RECORDS = 60
+MAX_IN_FLIGHT = 5
+
+
+class _Settings(ServiceSettings):
+    def service_name(self) -> str:
+        return "loop-test"
+
+
+def _committed(topic: str, group: str) -> int:
+    consumer = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": group})
+    try:
+        (tp,) = consumer.committed([TopicPartition(topic, 0)], timeout=10)
+        return int(tp.offset)
+    finally:
+        consumer.close()
+
+
+@pytest.mark.asyncio
+async def test_in_flight_work_is_bounded_and_only_finished_records_are_committed() -> None:
+    topic = f"test-loop-{uuid.uuid4().hex[:8]}"
+    group = f"test-loop-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(20)
+    producer = Producer({"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True})
+    for n in range(RECORDS):
+        producer.produce(topic, str(n).encode())
+    assert producer.flush(10) == 0
+
+    gate = asyncio.Event()
+    running = 0
+    peak = 0
+    done: list[int] = []
+
+    async def handler(message: Message) -> Sequence[Output]:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await gate.wait()
+        finally:
+            running -= 1
+        done.append(int(message.value() or b"-1"))
+        return []
+
+    settings = _Settings(kafka_bootstrap=BOOTSTRAP)
+    loop = ConsumerLoop(
+        name="bounded",
+        consumer_config=settings.consumer_config(group) | {"group.id": group},
+        topics=[topic],
+        handler=handler,
+        producer=AsyncProducer(settings.producer_config()),
+        health=Health(),
+        max_in_flight=MAX_IN_FLIGHT,
+        commit_interval_s=0.2,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    try:
+        for _ in range(100):  # until the loop holds its limit of records
+            if running >= MAX_IN_FLIGHT:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2.0)  # plenty of time to take more, had it not paused
+        assert running == MAX_IN_FLIGHT and peak == MAX_IN_FLIGHT
+        assert not done
+        committed = await asyncio.to_thread(_committed, topic, group)
+        # Nothing finished: no commit, or one that still points at the first record.
+        assert committed <= 0, f"committed {committed} before any record finished"
+        gate.set()
+        for _ in range(200):
+            if len(done) == RECORDS:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(done) == list(range(RECORDS))
+        assert peak == MAX_IN_FLIGHT
+    finally:
+        gate.set()
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
+    try:
+        assert await asyncio.to_thread(_committed, topic, group) == RECORDS
+    finally:
+        admin.delete_topics([topic])
