@@ -10,7 +10,7 @@ import sys
 from datetime import UTC, datetime
 from types import FrameType
 
-from bench import report
+from bench import extras, report
 from bench.runner import Bench, Options
 
 
@@ -23,6 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy")
     parser.add_argument("--no-scaling", action="store_true", help="skip 1/2/4 senders")
     parser.add_argument("--no-postfix", action="store_true", help="skip Postfix and raw ceilings")
+    parser.add_argument(
+        "--no-extras",
+        action="store_true",
+        help="skip ingest alone, quota accuracy and suppression memory (bench/extras.py)",
+    )
     parser.add_argument("--soak", action="store_true", help="soak instead of the benchmark")
     parser.add_argument("--soak-s", type=float, default=1800.0, help="soak length (1800)")
     parser.add_argument(
@@ -78,6 +83,8 @@ def main() -> int:
     bench = Bench(options)
     try:
         data = bench.soak() if args.soak else bench.run()
+        if not args.soak and not args.no_extras:
+            data.results.update(extras.run_all(options.quick))
     except KeyboardInterrupt:
         print("\ninterrupted: everything the bench started has been stopped", file=sys.stderr)
         return 130

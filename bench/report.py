@@ -26,6 +26,9 @@ TARGETS = {
     "p99_ms": ("<=", 100.0),
     "sender_rss_mib": ("<=", 150.0),
     "soak_memory_growth_pct": ("<=", 10.0),
+    "ingest_recipients_per_s": (">=", 3000.0),
+    "ingest_p99_ms_at_half_rate": ("<=", 50.0),
+    "quota_worst_error_pct": ("<=", 5.0),
 }
 
 
@@ -122,6 +125,12 @@ def summarise(data: RunData, options: Options, started: datetime) -> dict[str, A
         "p99_ms": _num(top["p99_ms"]),
         "sender_rss_mib": max(senders) if senders else math.nan,
     }
+    ingest = r.get("ingest_alone", {})
+    if "throughput" in ingest:
+        measured["ingest_recipients_per_s"] = _num(ingest["throughput"].get("recipients_per_s"))
+        measured["ingest_p99_ms_at_half_rate"] = _num(ingest.get("paced", {}).get("p99_ms"))
+    if "worst_error_pct" in r.get("quota_accuracy", {}):
+        measured["quota_worst_error_pct"] = _num(r["quota_accuracy"]["worst_error_pct"])
     if "soak" in r:
         growth = r["soak"].get("memory", {})
         measured["soak_memory_growth_pct"] = max(
@@ -310,6 +319,37 @@ def table(summary: dict[str, Any]) -> str:
         )
     for name, mib in summary.get("rss_mib", {}).items():
         rows.append((f"peak RSS MiB: {name}", _fmt(mib)))
+    ingest = summary.get("ingest_alone", {})
+    if "throughput" in ingest:
+        paced = ingest.get("paced", {})
+        rows.append(
+            (
+                "ingest alone: accepted recipients/s",
+                _fmt(ingest["throughput"].get("recipients_per_s")),
+            )
+        )
+        rows.append(
+            (
+                f"ingest alone at {_fmt(paced.get('target_recipients_per_s'), 0)}/s: p50 / p99 ms",
+                f"{_fmt(paced.get('p50_ms'))} / {_fmt(paced.get('p99_ms'))}",
+            )
+        )
+    for run in summary.get("quota_accuracy", {}).get("runs", []):
+        errors = [row["error_pct"] for row in run["destinations"].values()]
+        rows.append(
+            (
+                f"quota accuracy, {run['senders']} sender(s): worst error %",
+                _fmt(max(errors, key=abs), 1),
+            )
+        )
+    memory = summary.get("suppression_memory", {})
+    if "addresses" in memory:
+        rows.append(
+            (
+                f"suppression view, {memory['addresses']:,} addresses: bytes/address",
+                _fmt(memory.get("bytes_per_address") or memory.get("rss_bytes_per_address"), 0),
+            )
+        )
     soak = summary.get("soak")
     if soak:
         rows.append(
