@@ -53,6 +53,7 @@ def build_deliverer(settings: SenderSettings, controls: ControlView) -> tuple[De
         smart_host=smart_host,
         max_quota_wait_s=settings.max_quota_wait_s,
         max_batches_per_destination=settings.max_batches_per_destination,
+        max_batches_in_progress=max(1, settings.max_in_flight * 3 // 4),
         busy_hold_s=settings.busy_hold_s,
         pause_recheck_s=settings.pause_recheck_s,
     )

@@ -58,6 +58,11 @@ class DeliveryPolicy:
     #: Batches one destination may have in progress; more are held, so that no destination
     #: takes the whole in-flight budget and stalls the others on its partitions.
     max_batches_per_destination: int = 50
+    #: Batches all destinations together may have in progress before a destination that
+    #: already has one gets its next held: below the loop's in-flight budget (which pauses
+    #: the partitions), so a few slow destinations can never fill it and every destination
+    #: without a batch in progress still gets one in.
+    max_batches_in_progress: int = 150
     #: How long a batch for a destination with too many batches in progress is held.
     busy_hold_s: float = 5.0
     #: The longest single hold for a paused destination; it is then checked again.
@@ -103,6 +108,8 @@ class Deliverer:
         self._signer = signer
         self._patterns = ReplyPatterns(rules.backoff)
         self.destinations = Destinations(rules.shaping, rules.backoff, clock)
+        #: Batches in progress, all destinations together.
+        self._in_progress = 0
         #: Pauses this sender decided itself (a blocking reply) → (until, the control scope's
         #: update count then). Once mail.control has a newer record for the scope — the echo,
         #: or an operator's resume — the control view alone decides.
@@ -138,7 +145,10 @@ class Deliverer:
         if paused_until is not None:
             hold_until = min(paused_until, now + timedelta(seconds=self._policy.pause_recheck_s))
             return self._hold(batch, batch.recipients, hold_until, "paused", now)
-        if destination.waiting >= self._policy.max_batches_per_destination:
+        if destination.waiting >= self._policy.max_batches_per_destination or (
+            destination.waiting > 0
+            and self._in_progress >= self._policy.max_batches_in_progress
+        ):
             return self._hold(
                 batch,
                 batch.recipients,
@@ -150,10 +160,12 @@ class Deliverer:
         if isinstance(slots, datetime):
             return self._hold(batch, batch.recipients, slots, "quota", now)
         destination.waiting += 1
+        self._in_progress += 1
         try:
             attempt = await self._attempt(batch, destination, slots)
         finally:
             destination.waiting -= 1
+            self._in_progress -= 1
         outputs = self._records(batch, attempt.outcomes)
         if attempt.blocked_by is not None:
             outputs.append(self._pause(batch, attempt.blocked_by))

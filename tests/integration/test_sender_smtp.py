@@ -4,7 +4,10 @@ output records are inspected directly."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import socket
+import time
 from datetime import timedelta
 
 import pytest
@@ -340,3 +343,41 @@ async def test_data_is_never_sent_when_every_rcpt_fails(
     assert not server.messages
     if not pipelining:
         assert server.stats.data_commands == 0
+
+
+async def test_slow_destinations_never_take_the_whole_in_progress_budget(
+    smtp_server_factory: SmtpServerFactory, dns_server_factory: DnsServerFactory
+) -> None:
+    port = free_port()
+    smtp_server_factory(host="127.0.0.18", port=port, command_delays_s={".": 3.0})
+    fast = smtp_server_factory(host="127.0.0.19", port=port)
+    dns = dns_server_factory(
+        {
+            "slow-a.example": {"MX": [(10, "mx.slow.example")]},
+            "slow-b.example": {"MX": [(10, "mx.slow.example")]},
+            "mx.slow.example": {"A": ["127.0.0.18"]},
+            "quick.example": {"MX": [(10, "mx.quick.example")]},
+            "mx.quick.example": {"A": ["127.0.0.19"]},
+        }
+    )
+    sender = deliverer(port, dns.address)
+    sender._policy = dataclasses.replace(
+        sender._policy, max_batches_per_destination=10, max_batches_in_progress=3
+    )
+    slow = [batch(d, f"u{i}") for d in ("slow-a.example", "slow-b.example") for i in range(3)]
+    started = time.monotonic()
+    tasks = [asyncio.create_task(sender.deliver(b)) for b in slow]
+    await asyncio.sleep(0.5)  # the slow ones are in progress (or held) by now
+    quick = await sender.deliver(batch("quick.example", "q"))
+    quick_s = time.monotonic() - started
+    results = await asyncio.gather(*tasks)
+    assert [e.type.value for e in events_of(quick)] == ["delivered"] and fast.messages
+    assert quick_s < 3.0, "the quick destination waited for the slow ones"
+    held = [r for outputs in results for r in retries_of(outputs)]
+    delivered = [e for outputs in results for e in events_of(outputs)]
+    # slow-a fills the budget of three; slow-b, with nothing in progress, still gets its
+    # first batch in; its other two go to a delay topic instead of waiting (and filling the
+    # loop's in-flight budget), and quick.example, with nothing in progress, goes at once.
+    assert len(delivered) == 4 and len(held) == 2
+    assert {r.domain for r in held} == {"slow-b.example"}
+    assert {r.held_for for r in held} == {"busy"}
