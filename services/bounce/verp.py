@@ -1,4 +1,7 @@
-"""VERP return paths: ``b-<token>[-<tenant>]@<bounce domain>``, signed so forged bounces fail.
+"""Signed identifiers of one recipient's copy, so that forged or stray reports match nothing.
+
+- the VERP return path ``b-<token>[-<tenant>]@<bounce domain>`` (:func:`encode_return_path`);
+- the Message-ID ``<b-<token>-<tenant>@<From domain>>`` (:func:`encode_message_id`).
 
 The token is lower-case base32 (some MTAs lower-case local parts) of
 
@@ -10,16 +13,24 @@ length, any other ``[A-Za-z0-9_-]{1,32}`` at 6 bits a character, so every id rou
 exactly. The tenant follows in clear (it is lower case already) when the local part stays
 within 64 characters; otherwise it is left out and :func:`decode_return_path` gives ``None``
 for it (the tenant is known from the message). The tag covers the tenant when it is present.
+
+A Message-ID carries the same token, tagged in a context of its own: a return path is no
+valid Message-ID and a Message-ID (quoted in replies, forwards and archives) no valid return
+path. A msg-id has no 64-character bound, so it always names the tenant. Its right-hand side
+is the From domain as an ASCII host name (IDNA), or the bounce domain when it has none; the
+tag does not cover it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
+import functools
 import hmac
 import re
 from dataclasses import dataclass
+
+import idna
 
 PREFIX = "b-"
 MAX_LOCAL_PART_CHARS = 64
@@ -40,11 +51,16 @@ _DOMAIN_RE = re.compile(
 )
 _ULID, _HEX, _SIX_BIT = 0, 1, 2
 _CONTEXT = b"mailrail-verp-1"
+_MESSAGE_ID_CONTEXT = b"mailrail-message-id-1"
+#: The longest Message-ID local part: prefix, 61 base32 characters (a 32-character id of the
+#: 6-bit kind, index 2**32 - 1, tag: 38 bytes), a dash and a 32-character tenant.
+MAX_MESSAGE_ID_LOCAL_CHARS = len(PREFIX) + 61 + 1 + 32
 
 
 @dataclass(frozen=True)
 class VerpToken:
-    """What a valid return path says: the message, which of its recipients, and the tenant."""
+    """What a valid return path or Message-ID says: the message, which of its recipients, and
+    the tenant."""
 
     message_id: str
     recipient_index: int
@@ -56,26 +72,53 @@ def encode_return_path(
 ) -> str:
     """The signed return path for one recipient of one message (raises ValueError on bad input)."""
     _check_key(key)
-    domain = bounce_domain.strip().lower().rstrip(".")
-    if not _DOMAIN_RE.match(domain):
-        raise ValueError(f"invalid bounce domain {bounce_domain!r}")
-    if not _TENANT_RE.match(tenant):
-        raise ValueError(f"invalid tenant {tenant!r}: expected [a-z0-9-]{{1,32}}")
-    if not 0 <= recipient_index <= MAX_RECIPIENT_INDEX:
-        raise ValueError(f"recipient index {recipient_index} out of range")
-    payload = _pack_id(message_id) + _varint(recipient_index)
-    with_tenant = _local_part(payload, tenant, key)
+    domain = _bounce_domain(bounce_domain)
+    payload = _payload(message_id, recipient_index, tenant)
+    with_tenant = _local_part(payload, tenant, key, _CONTEXT)
     if len(with_tenant) <= MAX_LOCAL_PART_CHARS:
         return f"{with_tenant}@{domain}"
-    return f"{_local_part(payload, None, key)}@{domain}"
+    return f"{_local_part(payload, None, key, _CONTEXT)}@{domain}"
 
 
 def decode_return_path(address: str, key: bytes) -> VerpToken | None:
     """The token in a return path, or None when it is not ours, malformed or forged."""
     _check_key(key)
     local, at, _domain = address.strip().strip("<>").rpartition("@")
+    if not at:
+        return None
+    return _decode_local(local, key, _CONTEXT, MAX_LOCAL_PART_CHARS)
+
+
+def encode_message_id(
+    message_id: str,
+    recipient_index: int,
+    tenant: str,
+    from_domain: str,
+    bounce_domain: str,
+    key: bytes,
+) -> str:
+    """The signed Message-ID of one recipient's copy, angle brackets included (raises
+    ValueError on bad input). Right-hand side: `from_domain` in its ASCII form, else the
+    bounce domain."""
+    _check_key(key)
+    domain = _ascii_host(from_domain) or _bounce_domain(bounce_domain)
+    payload = _payload(message_id, recipient_index, tenant)
+    return f"<{_local_part(payload, tenant, key, _MESSAGE_ID_CONTEXT)}@{domain}>"
+
+
+def decode_message_id(value: str, key: bytes) -> VerpToken | None:
+    """The token of a Message-ID (with or without angle brackets), or None when it is not
+    ours, malformed or forged (our unsigned ``<id>.<index>@domain`` of before included)."""
+    _check_key(key)
+    local, at, domain = value.strip().strip("<>").rpartition("@")
+    if not at or not domain:
+        return None
+    return _decode_local(local, key, _MESSAGE_ID_CONTEXT, MAX_MESSAGE_ID_LOCAL_CHARS)
+
+
+def _decode_local(local: str, key: bytes, context: bytes, max_chars: int) -> VerpToken | None:
     local = local.lower()
-    if not at or not local.startswith(PREFIX) or len(local) > MAX_LOCAL_PART_CHARS:
+    if not local.startswith(PREFIX) or len(local) > max_chars:
         return None
     blob, dash, tenant_part = local[len(PREFIX) :].partition("-")
     tenant = tenant_part if dash else None
@@ -88,7 +131,7 @@ def decode_return_path(address: str, key: bytes) -> VerpToken | None:
     if _b32(raw) != blob or len(raw) < 3 + TAG_BYTES:
         return None
     payload, tag = raw[:-TAG_BYTES], raw[-TAG_BYTES:]
-    if not hmac.compare_digest(tag, _tag(payload, tenant, key)):
+    if not hmac.compare_digest(tag, _tag(payload, tenant, key, context)):
         return None
     unpacked = _unpack(payload)
     if unpacked is None:
@@ -101,20 +144,49 @@ def _check_key(key: bytes) -> None:
         raise ValueError(f"VERP key must be at least {MIN_KEY_BYTES} bytes")
 
 
+def _bounce_domain(bounce_domain: str) -> str:
+    domain = bounce_domain.strip().lower().rstrip(".")
+    if not _DOMAIN_RE.match(domain):
+        raise ValueError(f"invalid bounce domain {bounce_domain!r}")
+    return domain
+
+
+@functools.lru_cache(maxsize=1024)
+def _ascii_host(domain: str) -> str | None:
+    """`domain` as a lower-case ASCII host name (IDNA 2008, as email-validator checks From
+    addresses), or None when it has no such form (empty, an address literal, ...)."""
+    if not domain.isascii():
+        try:
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
+            return None
+    domain = domain.lower()
+    return domain if _DOMAIN_RE.match(domain) else None
+
+
+def _payload(message_id: str, recipient_index: int, tenant: str) -> bytes:
+    if not _TENANT_RE.match(tenant):
+        raise ValueError(f"invalid tenant {tenant!r}: expected [a-z0-9-]{{1,32}}")
+    if not 0 <= recipient_index <= MAX_RECIPIENT_INDEX:
+        raise ValueError(f"recipient index {recipient_index} out of range")
+    return _pack_id(message_id) + _varint(recipient_index)
+
+
 def _b32(data: bytes) -> str:
     return base64.b32encode(data).decode("ascii").rstrip("=").lower()
 
 
-def _tag(payload: bytes, tenant: str | None, key: bytes) -> bytes:
+def _tag(payload: bytes, tenant: str | None, key: bytes, context: bytes) -> bytes:
     tenant_part = b"\x00" if tenant is None else b"\x01" + tenant.encode("ascii")
-    return hmac.new(key, _CONTEXT + payload + tenant_part, hashlib.sha256).digest()[:TAG_BYTES]
+    return hmac.digest(key, context + payload + tenant_part, "sha256")[:TAG_BYTES]
 
 
-def _local_part(payload: bytes, tenant: str | None, key: bytes) -> str:
-    blob = _b32(payload + _tag(payload, tenant, key))
+def _local_part(payload: bytes, tenant: str | None, key: bytes, context: bytes) -> str:
+    blob = _b32(payload + _tag(payload, tenant, key, context))
     return PREFIX + blob + (f"-{tenant}" if tenant is not None else "")
 
 
+@functools.lru_cache(maxsize=256)
 def _pack_id(message_id: str) -> bytes:
     if _ULID_RE.match(message_id):
         value = 0

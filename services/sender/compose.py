@@ -1,8 +1,10 @@
 """Turn a batch's content into the bytes one recipient receives.
 
 Per-recipient `{{name}}` variables are substituted here, so a batch carries one body for many
-recipients. The Message-ID encodes message id and recipient index so a bounce that quotes the
-original headers can be matched to its recipient.
+recipients. The Message-ID is signed like the VERP return path (`encode_message_id` in
+`services/bounce/verp.py`: message id, recipient index and tenant, with the VERP key), so a
+report that quotes only the original headers still names message and tenant, and nobody can
+make one up. A copy shared by many recipients names its first recipient in it.
 
 Every recipient's copy starts with `List-Unsubscribe` (a signed one-click URL on ingest, and
 optionally a mailto) and `List-Unsubscribe-Post` (RFC 8058), when `MAILRAIL_PUBLIC_URL` is
@@ -13,14 +15,16 @@ One copy shared by many recipients (`shared=True`) gets none: a one-click link i
 import base64
 import html
 import re
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP, SMTPUTF8
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 from typing import Literal
 
 from schemas.addresses import address_of, domain_of
 from schemas.records import BatchRecipient, DeliveryBatch, utc_now
 from services.bounce.oneclick import OneClickLinks, default_links
+from services.bounce.verp import encode_message_id
 
 _VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
 _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -41,8 +45,28 @@ def substitute(template: str, values: dict[str, str], escape: bool = False) -> s
     return _VARIABLE.sub(replace, template)
 
 
-def message_id_for(batch: DeliveryBatch, recipient: BatchRecipient) -> str:
-    return f"<{batch.message_id}.{recipient.index}@{domain_of(address_of(batch.from_))}>"
+@dataclass(frozen=True)
+class MessageIds:
+    """What signs each copy's Message-ID: the VERP key (`MAILRAIL_VERP_KEY`, which the bounce
+    service verifies with), and the bounce domain, the right-hand side for a From domain that
+    has no ASCII form."""
+
+    key: bytes
+    bounce_domain: str
+
+
+#: What a sender with the default settings and rules uses; the sender passes its own.
+LOCAL_IDS = MessageIds(b"mailrail-local-verp-key", "bounces.mailrail.localhost")
+
+
+def message_id_for(
+    batch: DeliveryBatch, recipient: BatchRecipient, ids: MessageIds = LOCAL_IDS
+) -> str:
+    """`<b-<token>-<tenant>@<From domain>>`, unique to this recipient's copy of the message."""
+    domain = domain_of(address_of(batch.from_))
+    return encode_message_id(
+        batch.message_id, recipient.index, batch.tenant, domain, ids.bounce_domain, ids.key
+    )
 
 
 UNDISCLOSED = "undisclosed-recipients:;"
@@ -76,11 +100,13 @@ def compose(
     extra_headers: dict[str, str] | None = None,
     shared: bool = False,
     links: Links = FROM_ENVIRONMENT,
+    ids: MessageIds = LOCAL_IDS,
 ) -> bytes:
     """The message as it goes on the wire: CRLF line ends, every line a full line.
 
     `shared`: one copy for every recipient of the batch (To: undisclosed recipients).
     `links`: how to make the one-click unsubscribe link (None: no List-Unsubscribe).
+    `ids`: how to sign the Message-ID (a raw message keeps its own).
     """
     content = batch.content
     own = b"" if shared else unsubscribe_lines(batch, recipient, links, extra_headers)
@@ -91,12 +117,25 @@ def compose(
         if own and _LIST_UNSUBSCRIBE.search(raw[: end.start() if end else len(raw)]):
             own = b""
         return head + own + _crlf(raw)
+    data = _structured(batch, recipient, extra_headers, shared)
+    return own + _with_message_id(data, message_id_for(batch, recipient, ids))
+
+
+def _structured(
+    batch: DeliveryBatch,
+    recipient: BatchRecipient,
+    extra_headers: dict[str, str] | None,
+    shared: bool,
+) -> bytes:
+    """The structured message with the Message-ID stand-in (`_ID_LINE`, exactly once in the
+    header; the email package would fold a long msg-id one way or another by its length)."""
+    content = batch.content
     message = EmailMessage()
     _set_header(message, "From", batch.from_, address_of(batch.from_))
     message["To"] = UNDISCLOSED if shared else recipient.email
     message["Subject"] = substitute(content.subject or "", recipient.vars)
     message["Date"] = format_datetime(utc_now())
-    message["Message-ID"] = message_id_for(batch, recipient) or make_msgid()
+    message["Message-ID"] = _ID_STAND_IN
     message["MIME-Version"] = "1.0"
     if content.reply_to:
         _set_header(message, "Reply-To", content.reply_to, address_of(content.reply_to))
@@ -124,7 +163,13 @@ def compose(
             # written out as a header line of its own (Python < 3.11.10 does not refuse it).
             message.replace_header(name, " ".join(_HEADER_BREAK.sub(" ", str(value)).split()))
     policy = SMTPUTF8 if not recipient.email.isascii() or not batch.from_.isascii() else SMTP
-    return own + message.as_bytes(policy=policy)
+    return message.as_bytes(policy=policy)
+
+
+def _with_message_id(data: bytes, message_id: str) -> bytes:
+    """`data` with the Message-ID stand-in replaced: the header comes before the body, and no
+    earlier header can hold a line of its own, so the first `_ID_LINE` is the header."""
+    return data.replace(_ID_LINE, b"\r\nMessage-ID: " + message_id.encode() + b"\r\n", 1)
 
 
 def _set_header(message: EmailMessage, name: str, value: str, fallback: str | None = None) -> None:
@@ -144,6 +189,7 @@ def _crlf(data: bytes) -> bytes:
 
 _TO_STAND_IN = "mailrail-recipient-placeholder@invalid"
 _ID_STAND_IN = "<mailrail-message-id-placeholder@invalid>"
+_ID_LINE = f"\r\nMessage-ID: {_ID_STAND_IN}\r\n".encode()
 
 
 class Composer:
@@ -154,9 +200,12 @@ class Composer:
     otherwise each recipient's message is built in full.
     """
 
-    def __init__(self, batch: DeliveryBatch, links: Links = FROM_ENVIRONMENT) -> None:
+    def __init__(
+        self, batch: DeliveryBatch, links: Links = FROM_ENVIRONMENT, ids: MessageIds = LOCAL_IDS
+    ) -> None:
         self._batch = batch
         self._links = default_links() if links == FROM_ENVIRONMENT else links
+        self._ids = ids
         self._template: bytes | None = None
         simple = (
             batch.content.raw is None
@@ -166,20 +215,17 @@ class Composer:
         )
         if simple:
             stand_in = BatchRecipient(email=_TO_STAND_IN, index=0)
-            template = compose(batch, stand_in, links=None)
-            own_id = message_id_for(batch, stand_in).encode()
-            if template.count(_TO_STAND_IN.encode()) == 1 and template.count(own_id) == 1:
-                self._template = template.replace(own_id, _ID_STAND_IN.encode())
+            template = _structured(batch, stand_in, None, shared=False)
+            if template.count(_TO_STAND_IN.encode()) == 1:
+                self._template = template
 
     def render(
         self, recipient: BatchRecipient, extra_headers: dict[str, str] | None = None
     ) -> bytes:
         if self._template is None:
-            return compose(self._batch, recipient, extra_headers, links=self._links)
+            return compose(self._batch, recipient, extra_headers, links=self._links, ids=self._ids)
         data = self._template.replace(_TO_STAND_IN.encode(), recipient.email.encode(), 1)
-        data = data.replace(
-            _ID_STAND_IN.encode(), message_id_for(self._batch, recipient).encode(), 1
-        )
+        data = _with_message_id(data, message_id_for(self._batch, recipient, self._ids))
         data = unsubscribe_lines(self._batch, recipient, self._links, extra_headers) + data
         if extra_headers:
             head = "".join(f"{name}: {value}\r\n" for name, value in extra_headers.items())

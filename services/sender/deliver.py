@@ -34,7 +34,7 @@ from services.runtime.controls import Controls, scope_for
 from services.runtime.dns import MxHost, MxResolver, MxRoute
 from services.runtime.loop import Output
 from services.sender import metrics
-from services.sender.compose import Composer, compose, personalised
+from services.sender.compose import Composer, MessageIds, compose, personalised
 from services.sender.dkim import DkimSigner
 from services.sender.ledger import LEDGER_REPLY, DeliveryLedger
 from services.sender.retry import expired, next_delay, tier_for
@@ -146,8 +146,7 @@ class Deliverer:
             hold_until = min(paused_until, now + timedelta(seconds=self._policy.pause_recheck_s))
             return self._hold(batch, batch.recipients, hold_until, "paused", now)
         if destination.waiting >= self._policy.max_batches_per_destination or (
-            destination.waiting > 0
-            and self._in_progress >= self._policy.max_batches_in_progress
+            destination.waiting > 0 and self._in_progress >= self._policy.max_batches_in_progress
         ):
             return self._hold(
                 batch,
@@ -282,7 +281,9 @@ class Deliverer:
         """Send pending recipients on one session; returns how many were consumed."""
         if not self._pool.verp and not personalised(batch):
             return await self._send_shared(session, batch, destination, pending, attempt)
-        composer = Composer(batch)
+        composer = Composer(
+            batch, ids=MessageIds(self._policy.verp_key, self._policy.bounce_domain)
+        )
         for done, (recipient, slot) in enumerate(pending):
             if not session.alive:
                 return done
@@ -343,7 +344,12 @@ class Deliverer:
         if wait_s > 0:
             await asyncio.sleep(wait_s)
         recipients = [r for r, _ in pending]
-        data = compose(batch, recipients[0], shared=True)
+        data = compose(
+            batch,
+            recipients[0],
+            shared=True,
+            ids=MessageIds(self._policy.verp_key, self._policy.bounce_domain),
+        )
         signed = self._signer.sign(data, batch.tenant) if self._signer else None
         data = signed.data if signed else data
         started = self._clock()

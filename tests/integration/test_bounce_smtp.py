@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from email import message_from_bytes
+from email.policy import default
 from email.utils import make_msgid
 from typing import Any
 
@@ -220,8 +222,72 @@ async def test_a_dsn_to_a_shared_address_matches_by_the_original_headers(
     assert (await deliver(stack, report, f"bounces@{BOUNCE_DOMAIN}")).startswith("250")
     bounced = [e for e in events.wait_types(address, {"bounced"}) if e.type.value == "bounced"]
     assert bounced[0].message_id == first["id"] and bounced[0].tenant == "acme"
-    assert "matched by list-unsubscribe" in (bounced[0].detail or "")
+    # The signed Message-ID comes before the one-click token (whose address it borrows).
+    assert "matched by original message-id" in (bounced[0].detail or "")
     wait_until(lambda: suppression_of(stack, address))
+
+
+def message_id_of(message: ReceivedMessage) -> str:
+    """The Message-ID the sender wrote on a copy that reached the sink."""
+    value = str(message_from_bytes(message.data, policy=default)["Message-ID"])
+    assert value.startswith("<b-") and value.endswith("-acme@acme.example>"), value
+    return value
+
+
+def only_message_id(message: ReceivedMessage, message_id: str) -> bytes:
+    """Original headers whose only link to our mail is the Message-ID: no Return-Path, no
+    List-Unsubscribe (as a shared copy, or mail sent without MAILRAIL_PUBLIC_URL, has)."""
+    parsed = message_from_bytes(message.data, policy=default)
+    return (
+        f"From: {parsed['From']}\r\nTo: {parsed['To']}\r\nSubject: {parsed['Subject']}\r\n"
+        f"Date: {parsed['Date']}\r\nMessage-ID: {message_id}\r\n"
+    ).encode()
+
+
+async def test_a_dsn_quoting_only_the_signed_message_id_bounces_and_suppresses(
+    stack: Stack, events: EventLog
+) -> None:
+    address = unique("dsn-message-id")
+    first = post(stack, address)
+    (original,) = sent_to(stack, address)
+    headers = only_message_id(original, message_id_of(original))
+    assert b"List-Unsubscribe" not in headers and b"Return-Path" not in headers
+    report = dsn(headers, address, f"bounces@{BOUNCE_DOMAIN}")
+    assert (await deliver(stack, report, f"bounces@{BOUNCE_DOMAIN}")).startswith("250")
+    (bounced,) = [e for e in events.wait_types(address, {"bounced"}) if e.type.value == "bounced"]
+    assert (bounced.message_id, bounced.tenant, bounced.recipient) == (first["id"], "acme", address)
+    assert bounced.category == "bad-mailbox" and bounced.hard is True
+    assert "matched by original message-id" in (bounced.detail or "")
+    entry = wait_until(lambda: suppression_of(stack, address))
+    assert entry["reason"].startswith("hard-bounce: 550 5.1.1")
+    assert post(stack, address, "second")["recipients"][0]["status"] == "suppressed"
+
+
+async def test_a_dsn_quoting_an_altered_message_id_suppresses_nobody(
+    stack: Stack, events: EventLog, suppressions: TopicTail
+) -> None:
+    victim, control = unique("dsn-altered-id"), unique("dsn-control")
+    post(stack, victim)
+    post(stack, control)
+    (to_victim,) = sent_to(stack, victim)
+    (to_control,) = sent_to(stack, control)
+    real = message_id_of(to_victim)
+    local = real[1:-1].partition("@")[0]
+    at = local.rindex("-") - 3  # inside the tag, the last 8 bytes of the token
+    altered = real.replace(local, local[:at] + ("a" if local[at] != "a" else "b") + local[at + 1 :])
+    assert altered != real
+    report = dsn(only_message_id(to_victim, altered), victim, f"bounces@{BOUNCE_DOMAIN}")
+    answer = await deliver(stack, report, f"bounces@{BOUNCE_DOMAIN}")
+    assert answer.startswith("250")
+    (unmatched,) = wait_until(lambda: of_type(events, victim, "unmatched"))
+    assert unmatched.tenant == "" and unmatched.message_id == answer.split()[3]
+    assert unmatched.category == "bad-mailbox"
+    assert altered.strip("<>") in (unmatched.detail or "")
+    await deliver(stack, bounce_for(to_control, control), to_control.mail_from)
+    wait_until(lambda: suppression_of(stack, control))
+    assert suppression_of(stack, victim) is None
+    assert not of_type(events, victim, "bounced")
+    assert not [r for r in suppressions.records() if r.key() == _key(victim)]
 
 
 async def test_a_block_is_a_bounce_but_never_suppresses(
@@ -261,6 +327,7 @@ async def test_a_delay_notice_is_not_a_bounce(
     assert (await deliver(stack, delayed, to_late.mail_from)).startswith("250")
     await deliver(stack, bounce_for(to_control, control), to_control.mail_from)
     wait_until(lambda: suppression_of(stack, control))
+    events.wait_types(late, {"delivered"})
     assert {e.type.value for e in events.events(late)} == {"accepted", "queued", "delivered"}
 
 

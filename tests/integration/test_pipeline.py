@@ -12,7 +12,8 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from tests.integration.conftest import OTHER_KEY, Stack, topic, unique
+from services.bounce.verp import VerpToken, decode_message_id
+from tests.integration.conftest import OTHER_KEY, VERP_KEY, Stack, topic, unique
 from tests.support.kafka import BOOTSTRAP, EventLog, TopicTail
 
 
@@ -50,7 +51,10 @@ def test_http_message_arrives_with_envelope_headers_and_body(
     assert parsed["To"] == bob
     assert parsed["Subject"] == "Receipt for Bob — ünïcode"
     assert parsed["X-Campaign"] == "receipts"
-    assert parsed["Message-ID"].startswith(f"<{answer['id']}.1@")
+    # Signed like the return path, so a report quoting it can be matched to this recipient.
+    assert decode_message_id(parsed["Message-ID"], VERP_KEY.encode()) == VerpToken(
+        answer["id"], 1, "acme"
+    )
     text = parsed.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert text.replace("\r\n", "\n") == "Hello Bob,\nline two\n.\nend\n"
     assert "<p>Hello Bob</p>" in parsed.get_body(("html",)).get_content()  # type: ignore[union-attr]

@@ -21,7 +21,7 @@ from services.bounce.classify import DEFAULT_CLASSIFIER
 from services.bounce.match import Keys
 from services.bounce.oneclick import encode_token
 from services.bounce.receiver import Policy, process
-from services.bounce.verp import encode_return_path
+from services.bounce.verp import encode_message_id, encode_return_path
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "reports"
 FIXTURE_VERP_KEY = b"mailrail-fixture-verp-key-0000000"
@@ -292,12 +292,115 @@ def test_a_return_path_beats_a_pasted_token_of_another_message() -> None:
     assert (event.message_id, event.tenant) == ("0193a5c2e1f04b7d9a8c6e5f4d3c2b1b", "globex")
 
 
-def test_a_message_id_alone_is_not_proof() -> None:
-    headers = "From: news@acme.example\r\nMessage-ID: <0193a5c2e1f04b7d9a8c6e5f4d3c2b1a.0@acme.example>\r\n"
+SIGNED_ID = "0193a5c2e1f04b7d9a8c6e5f4d3c2b1c"
+
+
+def _signed(message_id: str = SIGNED_ID, index: int = 2, tenant: str = "globex") -> str:
+    """The Message-ID the sender writes on this recipient's copy, signed with the fixtures' key."""
+    return encode_message_id(
+        message_id, index, tenant, "acme.example", BOUNCE_DOMAIN, FIXTURE_VERP_KEY
+    )
+
+
+@pytest.mark.parametrize("tenant", ["globex", "a-tenant-with-a-32-character-nam"])
+def test_a_signed_message_id_alone_names_message_and_tenant(tenant: str) -> None:
+    """No VERP (a shared `bounces@` return path), no Return-Path, no one-click token."""
+    headers = f"From: news@acme.example\r\nMessage-ID: {_signed(tenant=tenant)}\r\n"
+    data = _dsn(headers, "Reader@Example.org", "5.1.1", "550 5.1.1 unknown")
+    verdict, (event,), _ = receive(data, rcpt=f"bounces@{BOUNCE_DOMAIN}")
+    assert verdict == "bounce" and event.type.value == "bounced"
+    assert (event.message_id, event.tenant) == (SIGNED_ID, tenant)
+    assert event.recipient == "Reader@example.org" and event.category == "bad-mailbox"
+    assert "matched by original message-id" in (event.detail or "")
+
+
+@pytest.mark.parametrize(
+    "message_id",
+    [
+        f"<{SIGNED_ID}.0@acme.example>",  # the unsigned shape the sender wrote before
+        _signed().replace("-globex@", "-acme@"),
+        _signed()[:6] + ("a" if _signed()[6] != "a" else "b") + _signed()[7:],
+        encode_message_id(SIGNED_ID, 2, "globex", "acme.example", BOUNCE_DOMAIN, b"k" * 32),
+        "<" + encode_return_path(SIGNED_ID, 2, BOUNCE_DOMAIN, "globex", FIXTURE_VERP_KEY) + ">",
+    ],
+    ids=["unsigned", "tenant-swapped", "tag-changed", "other-key", "return-path"],
+)
+def test_an_unsigned_or_tampered_message_id_matches_nothing(message_id: str) -> None:
+    headers = f"From: news@acme.example\r\nMessage-ID: {message_id}\r\n"
+    data = _dsn(headers, "reader@example.org", "5.1.1", "550 5.1.1 unknown")
+    verdict, (event,), _ = receive(data, rcpt=f"bounces@{BOUNCE_DOMAIN}")
+    assert verdict == "unmatched" and event.type.value == "unmatched"
+    assert (event.tenant, event.message_id, event.recipient) == ("", "rpt-1", "reader@example.org")
+    shown = SIGNED_ID if message_id.startswith(f"<{SIGNED_ID}.") else message_id.strip("<>")
+    assert f"original message id {shown} not verifiable as ours" in (event.detail or "")
+
+
+def test_a_signed_message_id_borrows_the_one_click_address() -> None:
+    """Forwarded mail: the report names the final mailbox, the token the address we mailed."""
+    rcpt = "Old.Name@example.org"
+    token = encode_token("globex", SIGNED_ID, rcpt, UNSUBSCRIBE_KEY)
+    headers = (
+        f"From: news@acme.example\r\nMessage-ID: {_signed()}\r\n"
+        f"List-Unsubscribe: <https://mail.example/v1/unsubscribe/{token}>\r\n"
+    )
+    data = _dsn(headers, "new.name@elsewhere.example", "5.1.1", "550 5.1.1 unknown")
+    _, (event,), _ = receive(data, rcpt=f"bounces@{BOUNCE_DOMAIN}")
+    assert (event.message_id, event.tenant, event.recipient) == (SIGNED_ID, "globex", rcpt)
+    assert "matched by original message-id" in (event.detail or "")
+
+
+def test_a_message_id_whose_tenant_the_one_click_token_contradicts_does_not_decide() -> None:
+    token = encode_token("acme", SIGNED_ID, "reader@example.org", UNSUBSCRIBE_KEY)
+    headers = (
+        f"Message-ID: {_signed(tenant='globex')}\r\n"
+        f"List-Unsubscribe: <https://mail.example/v1/unsubscribe/{token}>\r\n"
+    )
     data = _dsn(headers, "reader@example.org", "5.1.1", "550 5.1.1 unknown")
     _, (event,), _ = receive(data, rcpt=f"bounces@{BOUNCE_DOMAIN}")
-    assert event.type.value == "unmatched" and event.tenant == ""
-    assert "0193a5c2e1f04b7d9a8c6e5f4d3c2b1a" in (event.detail or "")
+    assert (event.message_id, event.tenant) == (SIGNED_ID, "acme")
+    assert "matched by list-unsubscribe" in (event.detail or "")
+
+
+def test_a_shared_copy_message_id_leaves_the_recipients_to_the_report() -> None:
+    """One transaction for several recipients: the Message-ID names the first of them only."""
+    headers = f"From: news@acme.example\r\nMessage-ID: {_signed(index=0)}\r\n"
+    data = _dsn(headers, "first@example.org", "5.1.1", "550 5.1.1 unknown").replace(
+        b"\r\n\r\n--b\r\nContent-Type: text/rfc822-headers",
+        b"\r\n\r\nFinal-Recipient: rfc822; third@example.org\r\nAction: failed\r\n"
+        b"Status: 5.2.2\r\nDiagnostic-Code: smtp; 552 5.2.2 Mailbox full\r\n"
+        b"\r\n--b\r\nContent-Type: text/rfc822-headers",
+    )
+    _, events, _ = receive(data, rcpt=f"bounces@{BOUNCE_DOMAIN}")
+    assert [(e.type.value, e.message_id, e.tenant, e.recipient, e.category) for e in events] == [
+        ("bounced", SIGNED_ID, "globex", "first@example.org", "bad-mailbox"),
+        ("bounced", SIGNED_ID, "globex", "third@example.org", "quota"),
+    ]
+
+
+def test_the_return_path_comes_before_the_message_id() -> None:
+    other = "0193a5c2e1f04b7d9a8c6e5f4d3c2b1d"
+    verp = encode_return_path(other, 4, BOUNCE_DOMAIN, "acme", FIXTURE_VERP_KEY)
+    headers = f"Message-ID: {_signed()}\r\n"
+    data = _dsn(headers, "reader@example.org", "5.1.1", "550 5.1.1 unknown")
+    _, (event,), _ = receive(data, rcpt=verp)
+    assert (event.message_id, event.tenant) == (other, "acme")
+    assert "matched by verp" in (event.detail or "")
+    quoted = _dsn(f"Return-Path: <{verp}>\r\n{headers}", "r@example.org", "5.1.1", "550 x")
+    _, (event,), _ = receive(quoted, rcpt=f"bounces@{BOUNCE_DOMAIN}")
+    assert (event.message_id, event.tenant) == (other, "acme")
+    assert "matched by original return path" in (event.detail or "")
+
+
+def test_a_return_path_too_long_for_its_tenant_is_matched_by_the_message_id() -> None:
+    """A tenant over 19 characters does not fit in the VERP local part; the Message-ID has it."""
+    tenant = "a-tenant-with-a-32-character-nam"
+    verp = encode_return_path(SIGNED_ID, 2, BOUNCE_DOMAIN, tenant, FIXTURE_VERP_KEY)
+    assert verp.count("-") == 1, "no tenant in the return path"
+    headers = f"Message-ID: {_signed(tenant=tenant)}\r\n"
+    data = _dsn(headers, "reader@example.org", "5.1.1", "550 5.1.1 unknown")
+    _, (event,), _ = receive(data, rcpt=verp)
+    assert (event.type.value, event.message_id, event.tenant) == ("bounced", SIGNED_ID, tenant)
+    assert "matched by original message-id" in (event.detail or "")
 
 
 def test_not_spam_and_auth_failure_reports_are_no_complaints() -> None:
