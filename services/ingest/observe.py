@@ -9,12 +9,12 @@ message's trace starts at `POST /v1/messages`. Routes are labelled by their temp
 import time
 
 from opentelemetry.trace import SpanKind
-from prometheus_client import Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.runtime import tracing
+from services.runtime.telemetry_metrics import histogram
 
-REQUEST_SECONDS = Histogram(
+REQUEST_SECONDS = histogram(
     "mailrail_http_request_seconds",
     "Ingest HTTP requests, from the first byte read to the last byte written",
     ["method", "route", "status"],

@@ -5,7 +5,6 @@ import contextlib
 from collections.abc import Generator
 
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -14,6 +13,7 @@ from starlette.types import ASGIApp
 
 from services.runtime.health import Health
 from services.runtime.settings import split_host_port
+from services.runtime.telemetry_metrics import exposition
 
 
 def health_routes(health: Health) -> list[BaseRoute]:
@@ -28,7 +28,8 @@ def health_routes(health: Health) -> list[BaseRoute]:
         return JSONResponse({"ready": ready, "checks": health.readiness()}, 200 if ready else 503)
 
     async def metrics(_: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = exposition()
+        return Response(body, media_type=content_type)
 
     return [
         Route("/healthz", healthz, include_in_schema=False),

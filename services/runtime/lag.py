@@ -11,10 +11,11 @@ import contextlib
 from collections.abc import Sequence
 
 from confluent_kafka import Consumer, KafkaException
-from prometheus_client import Gauge
+
+from services.runtime.telemetry_metrics import gauge
 
 INTERVAL_S = 5.0
-LAG = Gauge(
+LAG = gauge(
     "mailrail_consumer_lag",
     "Records in the partition not yet read by this consumer (high watermark - position)",
     ["loop", "topic", "partition"],

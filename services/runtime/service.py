@@ -11,7 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from services.runtime import tracing
+from services.runtime import telemetry_metrics, tracing
 from services.runtime.health import Health
 from services.runtime.logs import configure_logging
 from services.runtime.loop import ConsumerLoop, Handler
@@ -27,6 +27,7 @@ def run_service(
 ) -> None:
     configure_logging(name, settings.log_level, settings.log_format)
     provider = tracing.configure(name)
+    telemetry_metrics.configure(name)
 
     async def runner() -> None:
         stop = asyncio.Event()

@@ -14,6 +14,7 @@ and `OTEL_SDK_DISABLED`. With `none` no span is recorded, but a `traceparent` th
 passed on unchanged, so a trace crosses a service that does not export.
 """
 
+import functools
 import logging
 import os
 import sys
@@ -88,12 +89,20 @@ def _exporter(name: str) -> SpanExporter:
     raise ValueError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r} (otlp, console, none)")
 
 
+@functools.cache
+def resource(service: str) -> Resource:
+    """The process's resource, shared by traces and metrics (one `service.instance.id`);
+    `OTEL_SERVICE_NAME` names the service if set, else `mailrail-<service>`."""
+    name = os.environ.get("OTEL_SERVICE_NAME") or f"mailrail-{service}"
+    return Resource.create({"service.name": name})
+
+
 def configure(service: str) -> TracerProvider | None:
     """Install the tracer provider the environment asks for; None when tracing is off."""
     names = exporters_from_env()
     if not names:
         return None
-    provider = TracerProvider(resource=Resource.create({"service.name": f"mailrail-{service}"}))
+    provider = TracerProvider(resource=resource(service))
     for name in names:
         exporter = _exporter(name)
         processor = (

@@ -25,10 +25,10 @@ from enum import Enum
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
-from prometheus_client import Counter, Gauge
 
 from schemas.records import ControlAction, ControlCommand, utc_now
 from services.runtime.codec import encode
+from services.runtime.telemetry_metrics import counter, gauge
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,10 @@ DNS_TIMEOUT_S = 5.0
 #: A pause is written again once less than this share of its lifetime is left.
 RENEW_SHARE = 0.5
 
-BLOCKLISTED = Gauge(
+BLOCKLISTED = gauge(
     "mailrail_blocklisted", "1 while the address is listed in the zone", ["pool", "ip", "zone"]
 )
-LOOKUP_ERRORS = Counter(
+LOOKUP_ERRORS = counter(
     "mailrail_dnsbl_lookup_errors_total", "DNSBL look-ups without a verdict", ["zone", "reason"]
 )
 

@@ -39,7 +39,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from prometheus_client import Counter
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.catalogue import LEDGER
@@ -52,6 +51,7 @@ from schemas.records import (
 )
 from services.runtime.follow import Follower, by_key
 from services.runtime.producer import AsyncProducer
+from services.runtime.telemetry_metrics import counter
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,10 @@ LEDGER_REPLY = SmtpReply(
     code=250, enhanced="2.0.0", text="delivered before a restart (delivery ledger): not sent again"
 )
 
-HITS = Counter(
+HITS = counter(
     "mailrail_ledger_hits_total", "Recipients not sent again: the ledger knew them", ["pool"]
 )
-WRITE_FAILURES = Counter(
+WRITE_FAILURES = counter(
     "mailrail_ledger_write_failures_total", "Ledger writes Kafka did not acknowledge", ["pool"]
 )
 

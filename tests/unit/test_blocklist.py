@@ -10,6 +10,7 @@ from prometheus_client import REGISTRY
 
 from schemas.api import Content
 from schemas.records import BatchRecipient, ControlAction, ControlCommand, DeliveryBatch
+from services.runtime import telemetry_metrics
 from services.runtime.controls import Controls
 from services.sender.blocklist import (
     BlocklistWatch,
@@ -54,6 +55,12 @@ def listed(address: str, zone: str, code: str = "127.0.0.2") -> dict[str, object
     return {
         query_name(address, zone): {"A": [code], "TXT": [f"{address} listed, see https://{zone}/"]}
     }
+
+
+@pytest.fixture(autouse=True)
+def meter_provider() -> None:
+    """What a sender installs at start (once per process: later calls change nothing)."""
+    telemetry_metrics.configure("sender")
 
 
 @pytest.fixture

@@ -109,3 +109,15 @@ def test_the_exporter_comes_from_otel_traces_exporter(
     env: dict[str, str], expected: list[str]
 ) -> None:
     assert tracing.exporters_from_env(env) == expected
+
+
+def test_otel_service_name_names_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    tracing.resource.cache_clear()
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "mta-eu-1")
+    try:
+        assert tracing.resource("sender").attributes["service.name"] == "mta-eu-1"
+        tracing.resource.cache_clear()
+        monkeypatch.delenv("OTEL_SERVICE_NAME")
+        assert tracing.resource("sender").attributes["service.name"] == "mailrail-sender"
+    finally:
+        tracing.resource.cache_clear()
