@@ -185,9 +185,8 @@ class Submitter:
             load.submissions[submission] = ("kafka", scheduled, None)
         while True:
             try:
-                self._producer.produce(
-                    SUBMIT, value, key=f"{load.phase}-{submission}", on_delivery=on_delivery
-                )
+                # No key: a record key is an idempotency key, and the HTTP path sends none.
+                self._producer.produce(SUBMIT, value, on_delivery=on_delivery)
                 return
             except BufferError:
                 time.sleep(0.01)

@@ -13,12 +13,28 @@ The receiver recomputes the HMAC over the raw body with its secret, compares in 
 and refuses timestamps older than a few minutes (`verify_signature`). `id` is stable across
 retries and redeliveries: delivery is at least once, receivers deduplicate by it.
 
-A failed POST (network error, timeout, 408, 429, 5xx) is retried with exponential backoff;
+A failed POST (network error, timeout, 408, 425, 429, 5xx) is retried with exponential backoff;
 other answers and exhausted retries send the event to `mail.rejected` with the reason, so
-nothing is dropped silently. The record's offset is committed only after that. In-flight
-events are bounded by the loop (`MAILRAIL_WEBHOOK_MAX_IN_FLIGHT`; past it the partitions
-pause), and an endpoint that keeps failing is short-circuited for a while (its events go
-straight to `mail.rejected`) so one dead endpoint cannot hold every slot.
+nothing is dropped silently. The record's offset is committed only after that.
+
+Isolation between tenants. In-flight events are bounded by the loop, across tenants
+(`MAILRAIL_WEBHOOK_MAX_IN_FLIGHT`; past it every partition pauses), so an event held for one
+endpoint holds a slot every tenant needs. Hence each endpoint (per tenant) has its own
+concurrency limit and its own circuit breaker, and a broken endpoint lets go of its slots:
+
+- every POST has a total deadline (`MAILRAIL_WEBHOOK_TIMEOUT_S`), however the endpoint trickles;
+- `BREAKER_FAILURES` retryable failures in a row (timeouts, refused connections, 408/425/429,
+  5xx; any other answer resets the count) open the endpoint's circuit for
+  `BREAKER_COOLDOWN_S`: each of its events, new or already held (waiting for a POST slot or
+  for its next retry), goes to `mail.rejected` at once instead of waiting;
+- after the cooldown one probe goes (the others keep being rejected while it runs); its
+  success closes the circuit, its failure opens it again.
+
+So an endpoint that starts hanging lets go of its held events about one POST timeout later
+(its few POSTs still under way time out in their turn); one that refuses connections, after
+its first few attempts. What stays shared: an endpoint that answers, only slowly (or fails
+often, but never `BREAKER_FAILURES` times in a row), and gets more events than it takes,
+keeps them in flight until it answers.
 """
 
 import asyncio
@@ -27,8 +43,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -45,9 +60,14 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "Mailrail-Signature"
 MAX_BACKOFF_S = 300.0
 ENDPOINT_CONCURRENCY = 16
-BREAKER_FAILURES = 5
+#: Retryable failures in a row that open an endpoint's circuit (one hung endpoint fails
+#: `ENDPOINT_CONCURRENCY` POSTs at once when they time out).
+BREAKER_FAILURES = 10
 BREAKER_COOLDOWN_S = 60.0
+CIRCUIT_OPEN = "endpoint failing, circuit open"
 _RETRYABLE = frozenset({408, 425, 429})
+
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class WebhookEndpoint(BaseModel):
@@ -94,10 +114,52 @@ def verify_signature(
     return hmac.compare_digest(expected, parts.get("v1", ""))
 
 
-@dataclass
-class _Breaker:
-    failures: int = 0
-    open_until: float = 0.0
+class _Endpoint:
+    """One tenant's endpoint: its POST slots and its circuit breaker (event-loop thread only).
+
+    Closed (`open_until` None): every attempt goes. Open: none goes until `open_until`.
+    Half-open (after it): one probe goes at a time; the others are refused meanwhile.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.slots = asyncio.Semaphore(ENDPOINT_CONCURRENCY)
+        self.failures = 0
+        self.open_until: float | None = None
+        self.probing = False
+        #: Set while the circuit is not closed: wakes events waiting for their next retry.
+        self.opened = asyncio.Event()
+        self._clock = clock
+
+    def refusing(self) -> bool:
+        """True while no attempt may go (open, or half-open with its probe running)."""
+        if self.open_until is None:
+            return False
+        return self.probing or self._clock() < self.open_until
+
+    def admit(self) -> bool | None:
+        """None: no attempt may go now. Else it goes, and True says it is the probe."""
+        if self.refusing():
+            return None
+        if self.open_until is None:
+            return False
+        self.probing = True
+        return True
+
+    def record(self, healthy: bool, probe: bool) -> None:
+        """An attempt's outcome: `healthy` unless it was a retryable failure."""
+        if probe:
+            self.probing = False
+        if healthy:
+            self.failures = 0
+            self.open_until = None
+            self.opened.clear()
+            return
+        self.failures += 1
+        if self.open_until is not None or self.failures >= BREAKER_FAILURES:
+            if self.open_until is None:
+                log.warning("webhook endpoint failing, circuit open")
+            self.open_until = self._clock() + BREAKER_COOLDOWN_S
+            self.opened.set()
 
 
 class WebhookDispatcher:
@@ -112,18 +174,23 @@ class WebhookDispatcher:
         timeout_s: float,
         client: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock` times the circuit breakers, `sleep` waits between attempts, `wall_clock`
+        stamps signatures: injectable for tests."""
         self._webhooks = webhooks
         self._max_attempts = max(1, max_attempts)
         self._backoff_s = backoff_s
+        self._timeout_s = timeout_s
         self._client = client or httpx.AsyncClient(timeout=timeout_s, follow_redirects=False)
-        self._clock = clock
-        self._limits = {
-            (tenant, e.url): asyncio.Semaphore(ENDPOINT_CONCURRENCY)
+        self._sleep = sleep
+        self._wall_clock = wall_clock
+        self._endpoints = {
+            (tenant, e.url): _Endpoint(clock)
             for tenant, endpoints in webhooks.items()
             for e in endpoints
         }
-        self._breakers: dict[tuple[str, str], _Breaker] = {}
 
     async def __call__(self, message: Message) -> Sequence[Output]:
         value = message.value()
@@ -148,40 +215,76 @@ class WebhookDispatcher:
         reason = "; ".join(f"webhook {url}: {why}" for url, why in failed)
         return [rejected_output(message, BadRecord(reason, "webhook_failed", failed[0][0]))]
 
+    def backoff_s(self, attempt: int) -> float:
+        """The wait before attempt number `attempt` (1 is the first retry)."""
+        return min(MAX_BACKOFF_S, self._backoff_s * 2.0 ** (attempt - 1))
+
     async def _deliver(
         self, tenant: str, endpoint: WebhookEndpoint, body: bytes
     ) -> tuple[str, str | None]:
         """(url, None) once delivered; (url, reason) when given up."""
-        breaker = self._breakers.setdefault((tenant, endpoint.url), _Breaker())
-        if self._clock() < breaker.open_until:
-            return endpoint.url, "endpoint failing, circuit open"
-        reason: str | None = "no attempt"
+        state = self._endpoints[(tenant, endpoint.url)]
+        reason: str | None = None
         for attempt in range(self._max_attempts):
-            if attempt:
-                await asyncio.sleep(min(MAX_BACKOFF_S, self._backoff_s * 2 ** (attempt - 1)))
-            retry, reason = await self._post(tenant, endpoint, body)
+            if attempt and not await self._wait_to_retry(state, self.backoff_s(attempt)):
+                return endpoint.url, f"{reason}; then {CIRCUIT_OPEN}"
+            outcome = await self._attempt(state, endpoint, body)
+            if outcome is None:
+                return (
+                    endpoint.url,
+                    CIRCUIT_OPEN if reason is None else f"{reason}; then {CIRCUIT_OPEN}",
+                )
+            retry, reason = outcome
             if reason is None:
-                breaker.failures = 0
                 return endpoint.url, None
             if not retry:
                 break
-        breaker.failures += 1
-        if breaker.failures >= BREAKER_FAILURES:
-            breaker.open_until = self._clock() + BREAKER_COOLDOWN_S
         log.warning("webhook given up", extra={"tenant": tenant, "reason": reason})
-        return endpoint.url, reason or "failed"
+        return endpoint.url, reason
 
-    async def _post(
-        self, tenant: str, endpoint: WebhookEndpoint, body: bytes
-    ) -> tuple[bool, str | None]:
+    async def _wait_to_retry(self, state: _Endpoint, delay_s: float) -> bool:
+        """Wait `delay_s`; False (at once) if the endpoint's circuit is or gets open."""
+        sleeping = asyncio.ensure_future(self._sleep(delay_s))
+        opened = asyncio.ensure_future(state.opened.wait())
+        try:
+            await asyncio.wait({sleeping, opened}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            opened.cancel()
+        return not state.opened.is_set()
+
+    async def _attempt(
+        self, state: _Endpoint, endpoint: WebhookEndpoint, body: bytes
+    ) -> tuple[bool, str | None] | None:
+        """One POST: (retry?, failure reason or None), or None when the circuit refused it."""
+        if state.refusing():
+            return None
+        async with state.slots:
+            probe = state.admit()
+            if probe is None:
+                return None
+            try:
+                retry, reason = await self._post(endpoint, body)
+            except BaseException:
+                if probe:
+                    state.probing = False
+                raise
+            state.record(healthy=not retry, probe=probe)
+            return retry, reason
+
+    async def _post(self, endpoint: WebhookEndpoint, body: bytes) -> tuple[bool, str | None]:
         """(retry?, failure reason or None)."""
         headers = {
             "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(endpoint.secret.get_secret_value(), body, int(time.time())),
+            SIGNATURE_HEADER: sign(
+                endpoint.secret.get_secret_value(), body, int(self._wall_clock())
+            ),
         }
         try:
-            async with self._limits[(tenant, endpoint.url)]:
+            async with asyncio.timeout(self._timeout_s):
                 answer = await self._client.post(endpoint.url, content=body, headers=headers)
+        except TimeoutError:
+            return True, f"no answer within {self._timeout_s:g} s"
         except httpx.HTTPError as exc:
             return True, f"{type(exc).__name__}: {exc}"
         if 200 <= answer.status_code < 300:

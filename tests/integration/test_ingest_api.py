@@ -24,7 +24,8 @@ from schemathesis.checks import (
 
 from tests.integration import conftest as stack_conf
 from tests.integration.conftest import API_KEY, OTHER_KEY, Stack, unique
-from tests.support.kafka import BOOTSTRAP, EventLog
+from tests.support.kafka import BOOTSTRAP, EventLog, TopicTail
+from tests.support.smtp_server import ReceivedMessage
 
 SENDER = "News <news@acme.example>"
 #: Per operation and generation mode: 6 operations x 2 modes x 60 stays well under 60 s.
@@ -46,15 +47,29 @@ def wait_until(check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
         time.sleep(0.2)
 
 
-def test_bulk_request_with_vars_tags_pool_attachments_and_reply_to(stack: Stack) -> None:
-    to = [{"email": unique(f"bulk{i}"), "vars": {"first_name": f"N{i}"}} for i in range(1000)]
+def test_bulk_request_with_vars_tags_pool_attachments_and_reply_to(
+    stack: Stack, events: EventLog
+) -> None:
+    to: list[dict[str, Any]] = [
+        {"email": unique(f"bulk{i}"), "vars": {"first_name": f"N{i}"}} for i in range(1000)
+    ]
+    attachment = bytes(range(256)) + b"hello"  # every byte value survives the trip
+    tags = ["campaign:spring", "stream:marketing"]
     body = message(
         to,
+        text="Dear {{first_name}}, spring is here.",
+        html="<p>Dear {{first_name}}, spring is here.</p>",
         pool="default",
-        tags=["campaign:spring", "stream:marketing"],
+        tags=tags,
         reply_to="Help <help@acme.example>",
         headers={"X-Campaign": "spring"},
-        attachments=[{"filename": "a.txt", "content": base64.b64encode(b"hello").decode()}],
+        attachments=[
+            {
+                "filename": "a.bin",
+                "content_type": "application/octet-stream",
+                "content": base64.b64encode(attachment).decode(),
+            }
+        ],
     )
     with stack.client() as client:
         answer = client.post("/v1/messages", json=body)
@@ -62,6 +77,41 @@ def test_bulk_request_with_vars_tags_pool_attachments_and_reply_to(stack: Stack)
     statuses = answer.json()["recipients"]
     assert len(statuses) == 1000 and {s["status"] for s in statuses} == {"queued"}
     assert statuses[7]["email"] == to[7]["email"]
+    emails = {r["email"] for r in to}
+
+    def arrived(messages: list[ReceivedMessage]) -> bool:
+        return emails <= {r for m in messages for r in m.rcpt_tos}
+
+    stack.sink.wait_for(arrived, timeout_s=120)
+    for recipient in to:
+        (received,) = stack.sink.messages_for(recipient["email"])
+        assert received.rcpt_tos == [recipient["email"]]  # its own copy: its own variables
+        mail = received.as_email()
+        name = recipient["vars"]["first_name"]
+        assert mail["Subject"] == f"Hi {name}"
+        assert mail["To"] == recipient["email"]
+        assert mail["Reply-To"] == "Help <help@acme.example>"
+        assert mail["X-Campaign"] == "spring"
+        text, html = mail.get_body(("plain",)), mail.get_body(("html",))
+        assert text is not None and html is not None
+        assert text.get_content().strip() == f"Dear {name}, spring is here."
+        assert html.get_content().strip() == f"<p>Dear {name}, spring is here.</p>"
+        (attached,) = list(mail.iter_attachments())
+        assert attached.get_filename() == "a.bin"
+        assert attached.get_content_type() == "application/octet-stream"
+        assert attached.get_content() == attachment
+    message_id = answer.json()["id"]
+
+    def all_delivered(_: object) -> bool:
+        delivered = {
+            e.recipient for e in events.events(message_id=message_id) if e.type.value == "delivered"
+        }
+        return delivered == emails
+
+    events.wait_for(all_delivered, timeout_s=60)
+    delivered = [e for e in events.events(message_id=message_id) if e.type.value == "delivered"]
+    assert len(delivered) == 1000 and all(e.tags == tags for e in delivered)
+    assert all(e.pool == "default" and e.tenant == "acme" for e in delivered)
 
 
 @pytest.mark.parametrize(
@@ -167,6 +217,43 @@ def test_mail_submit_records_with_the_same_key_are_published_once(
     events.wait_types(rcpt, {"delivered"})
     time.sleep(2)
     assert [e.type.value for e in events.events(rcpt)].count("accepted") == 1
+
+
+def test_mail_submit_records_keyed_only_by_their_record_key_are_published_once(
+    stack: Stack, events: EventLog, rejected: TopicTail
+) -> None:
+    """Without `idempotency_key` in the body, the record key is the idempotency key: the
+    same body is published once, another body under that key goes to `mail.rejected`."""
+    rcpt, other, third = unique("rk-same"), unique("rk-other"), unique("rk-body-wins")
+    key = f"rk-{uuid.uuid4().hex}".encode()
+    topic = getattr(stack_conf, "TOPIC_PREFIX", "") + "mail.submit"
+    producer = Producer({"bootstrap.servers": BOOTSTRAP})
+    same = json.dumps(message([rcpt]) | {"tenant": "acme"}).encode()
+    for _ in range(3):
+        producer.produce(topic, same, key=key)
+    assert producer.flush(10) == 0
+    events.wait_types(rcpt, {"accepted"})
+    producer.produce(topic, json.dumps(message([other]) | {"tenant": "acme"}).encode(), key=key)
+    # A body with its own key is not held to the record key's first body.
+    body_key = {"tenant": "acme", "idempotency_key": f"b-{uuid.uuid4().hex}"}
+    producer.produce(topic, json.dumps(message([third]) | body_key).encode(), key=key)
+    assert producer.flush(10) == 0
+    (conflict,) = [
+        r for r in rejected.wait_for(lambda rs: any(r.key() == key for r in rs)) if r.key() == key
+    ]
+    headers = dict(conflict.headers() or [])
+    assert headers["mailrail-error-code"] == b"idempotency_conflict"
+    assert headers["mailrail-error-field"] == b"key"
+    assert headers["mailrail-reason"] == (
+        b"the record key (the idempotency key) was used with a different body"
+    )
+    assert json.loads(conflict.value() or b"")["to"] == [other]
+    events.wait_types(rcpt, {"delivered"})
+    events.wait_types(third, {"delivered"})
+    time.sleep(2)
+    assert [e.type.value for e in events.events(rcpt)].count("accepted") == 1
+    assert len(stack.sink.messages_for(rcpt)) == 1
+    assert not events.events(other) and not stack.sink.messages_for(other)
 
 
 def test_status_shows_each_recipients_timeline_and_is_per_tenant(

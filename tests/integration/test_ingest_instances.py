@@ -22,7 +22,7 @@ from deploy.local.stack import ServiceProcess, isolated_env
 from services.ingest.webhooks import SIGNATURE_HEADER, verify_signature
 from tests.integration import conftest as stack_conf
 from tests.integration.conftest import API_KEY, OTHER_KEY, RULES, Stack, free_port, unique
-from tests.support.kafka import BOOTSTRAP, EventLog
+from tests.support.kafka import BOOTSTRAP, EventLog, TopicTail
 
 WEBHOOK_SECRET = "whsec-test-0123456789abcdef"
 
@@ -236,7 +236,9 @@ class _Receiver(BaseHTTPRequestHandler):
         pass
 
 
-def test_webhooks_deliver_signed_events_with_retries(replicas: Any, events: EventLog) -> None:
+def test_webhooks_deliver_signed_events_with_retries(
+    stack: Stack, replicas: Any, events: EventLog
+) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -271,3 +273,141 @@ def test_webhooks_deliver_signed_events_with_retries(replicas: Any, events: Even
         assert _Receiver.calls > len(_Receiver.received)  # the 503 was retried
     finally:
         server.shutdown()
+
+
+#: How late another tenant's webhooks may be while one tenant's endpoint is stuck: an
+#: endpoint that hangs is recognised within one POST timeout (`MAILRAIL_WEBHOOK_TIMEOUT_S`).
+ISOLATION_S = 15.0
+#: Far more events than the dispatcher holds in flight, all for the stuck endpoint.
+STUCK_RECIPIENTS = 100
+
+
+def _serve(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _hanging_endpoint(release: threading.Event, seen: list[bytes]) -> type[BaseHTTPRequestHandler]:
+    class Hang(BaseHTTPRequestHandler):
+        """Reads the request, then answers nothing until the test ends."""
+
+        def do_POST(self) -> None:
+            seen.append(self.rfile.read(int(self.headers["Content-Length"])))
+            release.wait()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    return Hang
+
+
+def _recording_endpoint(
+    received: list[tuple[float, dict[str, Any]]],
+) -> type[BaseHTTPRequestHandler]:
+    class Record(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            if verify_signature(WEBHOOK_SECRET, self.headers[SIGNATURE_HEADER], raw):
+                received.append((time.monotonic(), json.loads(raw)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    return Record
+
+
+def _wait(check: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what} not within {timeout_s} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("broken", ["hangs", "down"])
+def test_a_stuck_webhook_endpoint_holds_back_neither_mail_nor_other_tenants(
+    stack: Stack, replicas: Any, events: EventLog, rejected: TopicTail, broken: str
+) -> None:
+    """acme's endpoint never answers (or refuses connections) while acme's mail produces
+    many more events than the dispatcher holds in flight: mail is still delivered, globex's
+    endpoint still gets its events promptly, and acme's events go to mail.rejected."""
+    release = threading.Event()
+    seen: list[bytes] = []
+    received: list[tuple[float, dict[str, Any]]] = []
+    hung = _serve(_hanging_endpoint(release, seen))
+    good = _serve(_recording_endpoint(received))
+    try:
+        stuck_url = (
+            f"http://127.0.0.1:{hung.server_port}/hooks"
+            if broken == "hangs"
+            else f"http://127.0.0.1:{free_port()}/hooks"  # nobody listens there
+        )
+        hooks = {
+            "acme": [{"url": stuck_url, "secret": WEBHOOK_SECRET}],
+            "globex": [
+                {
+                    "url": f"http://127.0.0.1:{good.server_port}/hooks",
+                    "secret": WEBHOOK_SECRET,
+                    "events": ["accepted", "delivered"],
+                }
+            ],
+        }
+        replica = replicas(
+            MAILRAIL_WEBHOOKS=json.dumps(hooks),
+            MAILRAIL_WEBHOOK_GROUP_ID=f"hooks-{uuid.uuid4().hex[:6]}",
+            MAILRAIL_WEBHOOK_MAX_IN_FLIGHT="50",
+        )
+
+        def hooked(message_id: str) -> set[str]:
+            return {
+                p["event"]["type"] for _, p in received if p["event"]["message_id"] == message_id
+            }
+
+        with replica.client(OTHER_KEY) as globex:
+            # Once a hook arrives, the new group reads from a position before what follows.
+            warm_up = globex.post("/v1/messages", json=body(unique("warm-up"))).json()["id"]
+            _wait(lambda: "delivered" in hooked(warm_up), 30, "warm-up hooks")
+            with replica.client() as acme:
+                stuck = [unique("stuck") for _ in range(STUCK_RECIPIENTS)]
+                acme_id = acme.post("/v1/messages", json=body(*stuck)).json()["id"]
+                if broken == "hangs":
+                    _wait(lambda: len(seen) >= 10, 30, "POSTs to the hanging endpoint")
+                started = time.monotonic()
+                later = unique("still-delivered")
+                acme.post("/v1/messages", json=body(later))
+                isolated = globex.post("/v1/messages", json=body(unique("isolated"))).json()["id"]
+            stack.sink.wait_for(lambda _: bool(stack.sink.messages_for(later)), ISOLATION_S)
+            _wait(
+                lambda: hooked(isolated) == {"accepted", "delivered"},
+                ISOLATION_S,
+                "globex's webhooks while acme's endpoint is stuck",
+            )
+            assert time.monotonic() - started < ISOLATION_S
+            assert not release.is_set()  # acme's endpoint was stuck all along
+
+        # Nothing is dropped silently: each of acme's events is on mail.rejected.
+        def sent() -> set[tuple[str, str]]:
+            return {(e.recipient, e.type.value) for e in events.events(message_id=acme_id)}
+
+        def given_up() -> set[tuple[str, str]]:
+            out = set()
+            for record in rejected.records():
+                headers = dict(record.headers() or [])
+                event = json.loads(record.value() or b"{}")
+                if (
+                    headers.get("mailrail-error-code") == b"webhook_failed"
+                    and event.get("message_id") == acme_id
+                ):
+                    out.add((event["recipient"], event["type"]))
+            return out
+
+        events.wait_types(stuck[-1], {"delivered"})
+        _wait(lambda: sent() <= given_up(), 60, "acme's events on mail.rejected")
+        assert len(sent()) >= 3 * STUCK_RECIPIENTS
+    finally:
+        release.set()
+        hung.shutdown()
+        good.shutdown()

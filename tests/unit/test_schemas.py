@@ -1,4 +1,5 @@
-"""Every example payload in schemas/examples round-trips through its topic's model."""
+"""Every example payload in schemas/examples round-trips through its topic's model, or
+through its HTTP body's model (`api.<Model>.json`)."""
 
 import json
 
@@ -7,7 +8,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.api import MessageRequest
 from schemas.catalogue import EXAMPLES_DIR, TOPICS, TopicSpec, concrete_topics
-from schemas.generate import OUT_DIR, rendered
+from schemas.generate import API_MODELS, OUT_DIR, rendered
 
 _EXAMPLES = [
     (spec, index, example)
@@ -32,6 +33,43 @@ def test_example_round_trips(spec: TopicSpec, index: int, example: dict[str, obj
 def test_every_topic_with_a_model_has_examples() -> None:
     with_model = {spec.name for spec in TOPICS if spec.value is not None}
     assert with_model == {spec.name for spec, _, _ in _EXAMPLES}
+
+
+def _api_examples_file(model: type[BaseModel]) -> str:
+    """Named like the model's JSON Schema file, `schemas/jsonschema/api.<Model>.json`."""
+    return f"api.{model.__name__}.json"
+
+
+_API_EXAMPLES = [
+    (model, index, example)
+    for model in API_MODELS
+    if (EXAMPLES_DIR / _api_examples_file(model)).exists()
+    for index, example in enumerate(
+        json.loads((EXAMPLES_DIR / _api_examples_file(model)).read_text())
+    )
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "index", "example"),
+    _API_EXAMPLES,
+    ids=[f"api.{m.__name__}[{i}]" for m, i, _ in _API_EXAMPLES],
+)
+def test_api_example_round_trips(
+    model: type[BaseModel], index: int, example: dict[str, object]
+) -> None:
+    parsed = model.model_validate(example)
+    again = model.model_validate_json(parsed.model_dump_json(by_alias=True))
+    assert again == parsed
+
+
+def test_every_api_body_has_examples_and_no_example_is_stray() -> None:
+    with_examples = {model for model, _, _ in _API_EXAMPLES}
+    assert with_examples == set(API_MODELS)
+    files = {path.name for path in EXAMPLES_DIR.glob("api.*.json")}
+    assert files == {_api_examples_file(model) for model in API_MODELS}
+    requests = [e for m, _, e in _API_EXAMPLES if m is MessageRequest]
+    assert {"raw" in e for e in requests} == {True, False}, "both forms of POST /v1/messages"
 
 
 def test_committed_json_schemas_are_current() -> None:
