@@ -61,7 +61,15 @@ def test_field_names_are_readable() -> None:
 def test_rules_file_errors_name_the_entry(tmp_path: Path) -> None:
     path = tmp_path / "rules.yaml"
     path.write_text("pools:\n  - name: Bad Name\n")
-    with pytest.raises(RulesError, match=r"pools\.0\.name"):
+    with pytest.raises(RulesError, match=r"line 2: pools\.0\.name"):
+        load_rules(path)
+    path.write_text(
+        "default_pool: default\npools:\n  - name: default\n"
+        "domains:\n  gmail.com:\n    messages_per_s: fast\n"
+    )
+    with pytest.raises(
+        RulesError, match=r"rules\.yaml: line 6: domains\.gmail\.com\.messages_per_s"
+    ):
         load_rules(path)
     path.write_text("default_pool: other\n")
     with pytest.raises(RulesError, match="default_pool"):
