@@ -1,3 +1,4 @@
+import itertools
 import re
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
@@ -17,6 +18,7 @@ from services.sender.deliver import Deliverer, DeliveryPolicy
 from services.sender.dkim import DkimSigner
 from services.sender.dkim_keys import load_keyring
 from services.sender.retry import expired, next_delay, tier_for
+from services.sender.settings import SenderSettings
 from services.sender.smtp import SmtpOptions, SmtpPool, reply_of
 from tests.support.dkim_keys import dkim_records, verify_all, write_key_folder
 from tests.support.smtp_server import SmtpServerFactory
@@ -81,6 +83,19 @@ def test_compose_raw_message_normalises_line_ends() -> None:
 def test_reply_parsing(code: int, message: str, enhanced: str | None, text: str) -> None:
     reply = reply_of(code, message)
     assert (reply.code, reply.enhanced, reply.text) == (code, enhanced, text)
+
+
+def test_retries_are_spread_by_ten_percent_jitter_around_the_schedule() -> None:
+    delays = [next_delay(2, [60, 600]).total_seconds() for _ in range(2000)]
+    assert min(delays) >= 540 and max(delays) <= 660
+    # Spread over the whole band, so deferred mail of one moment does not retry in lockstep.
+    assert min(delays) < 560 and max(delays) > 640 and len({round(d) for d in delays}) > 50
+
+
+def test_the_default_schedule_backs_off_from_a_minute_to_hours() -> None:
+    schedule = SenderSettings(pool="default").retry_schedule_s
+    assert schedule[0] == 60 and schedule[-1] >= 4 * 3600
+    assert all(b >= a * 2 for a, b in itertools.pairwise(schedule))
 
 
 def test_retry_schedule_and_tiers() -> None:
