@@ -16,6 +16,7 @@ from services.ingest.settings import IngestSettings
 from services.ingest.status import StatusView
 from services.ingest.submit import SubmitHandler
 from services.ingest.webhooks import WebhookDispatcher, load_webhooks
+from services.runtime.consume import start_at_end
 from services.runtime.health import Health
 from services.runtime.http import serve_http
 from services.runtime.loop import ConsumerLoop
@@ -117,10 +118,15 @@ async def main(settings: IngestSettings, stop: asyncio.Event) -> None:
             backoff_s=settings.webhook_backoff_s,
             timeout_s=settings.webhook_timeout_s,
         )
+        hooks_config = settings.consumer_config(settings.webhook_group_id) | {
+            "auto.offset.reset": settings.webhook_start
+        }
+        if settings.webhook_start == "latest":
+            # "From now on" means from this start-up, not from the first fetch.
+            await asyncio.to_thread(start_at_end, hooks_config, EVENTS)
         hooks = ConsumerLoop(
             name="webhooks",
-            consumer_config=settings.consumer_config(settings.webhook_group_id)
-            | {"auto.offset.reset": settings.webhook_start},
+            consumer_config=hooks_config,
             topics=[EVENTS],
             handler=dispatcher,
             producer=producer,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -12,6 +13,7 @@ import pytest
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from services.runtime.consume import start_at_end
 from services.runtime.health import Health
 from services.runtime.loop import ConsumerLoop, Output
 from services.runtime.producer import AsyncProducer
@@ -103,5 +105,33 @@ async def test_in_flight_work_is_bounded_and_only_finished_records_are_committed
             await asyncio.wait_for(task, 30)
     try:
         assert await asyncio.to_thread(_committed, topic, group) == RECORDS
+    finally:
+        admin.delete_topics([topic])
+
+
+def test_a_new_group_started_at_the_end_reads_what_came_after_not_before() -> None:
+    topic = f"test-end-{uuid.uuid4().hex[:8]}"
+    group = f"test-end-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    admin.create_topics([NewTopic(topic, 2, 1)])[topic].result(20)
+    try:
+        producer = Producer({"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True})
+        for n in range(4):
+            producer.produce(topic, f"before-{n}".encode(), partition=n % 2)
+        assert producer.flush(10) == 0
+        config = {"bootstrap.servers": BOOTSTRAP, "group.id": group, "auto.offset.reset": "latest"}
+        assert start_at_end(config, topic) == 2
+        assert start_at_end(config, topic) == 0  # offsets now stand
+        # Written after the start but before any member fetched: must not be skipped.
+        producer.produce(topic, b"after", partition=1)
+        assert producer.flush(10) == 0
+        consumer = Consumer(config)
+        consumer.subscribe([topic])
+        seen: list[bytes] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not seen:
+            seen += [m.value() or b"" for m in consumer.consume(10, 0.5) if m.error() is None]
+        consumer.close()
+        assert seen == [b"after"]
     finally:
         admin.delete_topics([topic])
