@@ -284,8 +284,10 @@ class Deliverer:
         composer = Composer(
             batch, ids=MessageIds(self._policy.verp_key, self._policy.bounce_domain)
         )
+        limit = destination.shaping.max_messages_per_connection
         for done, (recipient, slot) in enumerate(pending):
-            if not session.alive:
+            # A spent or lost session: the caller opens a new one for the rest.
+            if not session.alive or session.sent >= limit:
                 return done
             if self._paused_until(batch, utc_now()) is not None:
                 attempt.untried = [r for r, _ in pending[done:]]

@@ -381,3 +381,26 @@ async def test_slow_destinations_never_take_the_whole_in_progress_budget(
     assert len(delivered) == 4 and len(held) == 2
     assert {r.domain for r in held} == {"slow-b.example"}
     assert {r.held_for for r in held} == {"busy"}
+
+
+async def test_a_connection_carries_at_most_its_message_limit(
+    smtp_server_factory: SmtpServerFactory,
+) -> None:
+    server = smtp_server_factory()
+    rules = Rules(domains={"limit.example": ShapingOverride(max_messages_per_connection=2)})
+    outputs = await deliverer(server.port, rules=rules).deliver(batch("limit.example", *"abcde"))
+    assert [e.type.value for e in events_of(outputs)] == ["delivered"] * 5
+    assert server.stats.messages == 5 and server.stats.connections == 3
+
+
+async def test_a_destination_never_opens_more_than_its_connections(
+    smtp_server_factory: SmtpServerFactory,
+) -> None:
+    server = smtp_server_factory(command_delays_s={".": 0.3})
+    rules = Rules(domains={"narrow.example": ShapingOverride(max_connections=2)})
+    sender = deliverer(server.port, rules=rules)
+    results = await asyncio.gather(
+        *(sender.deliver(batch("narrow.example", f"u{i}")) for i in range(8))
+    )
+    assert sum(len(events_of(r)) for r in results) == 8 and server.stats.messages == 8
+    assert server.stats.max_open_connections == 2
