@@ -2,12 +2,17 @@
 
 Answers are cached for their TTL (the lowest of the MX and address records, at most
 `MAX_TTL_S`); NXDOMAIN and null MX for `NEGATIVE_TTL_S`; SERVFAIL and timeouts not at all,
-so the next attempt asks again. Failures are returned as SMTP-style replies so the caller
+so the next attempt asks again — but while a domain's last good answer is at hand, a
+temporary failure serves it (stale, RFC 8767) rather than failing mail that was routable a
+moment ago. Concurrent look-ups of one domain share one query: a burst of mail to a new
+domain sends one question to the resolver, not one per message. Failures are returned as SMTP-style replies so the caller
 handles them like any other: NXDOMAIN and null MX bounce, SERVFAIL and timeouts defer.
 """
 
+import asyncio
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +27,8 @@ DNS_TIMEOUT_S = 10.0
 NEGATIVE_TTL_S = 60.0
 #: However long a record says: a destination that moves its MX is followed within the hour.
 MAX_TTL_S = 3600.0
+#: Domains whose answers are kept (least recently resolved forgotten first).
+MAX_CACHED_DOMAINS = 100_000
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,8 @@ class MxResolver:
             self._resolver.nameservers = [nameserver[0]]
             self._resolver.port = nameserver[1]
         self._resolver.lifetime = timeout_s
-        self._cache: dict[str, tuple[float, MxRoute]] = {}
+        self._cache: OrderedDict[str, tuple[float, MxRoute]] = OrderedDict()
+        self._pending: dict[str, asyncio.Future[tuple[MxRoute, float]]] = {}
         self._clock = clock
 
     async def resolve(self, domain: str) -> MxRoute:
@@ -61,9 +69,18 @@ class MxResolver:
         now = self._clock()
         if cached is not None and cached[0] > now:
             return _shuffle_equal(cached[1])
-        route, ttl_s = await self._lookup(domain)
+        pending = self._pending.get(domain)
+        if pending is None:
+            pending = self._pending[domain] = asyncio.ensure_future(self._lookup(domain))
+            pending.add_done_callback(lambda _: self._pending.pop(domain, None))
+        route, ttl_s = await asyncio.shield(pending)
         if route.failure is None or route.failure.code >= 500:
             self._cache[domain] = (now + min(ttl_s, MAX_TTL_S), route)
+            self._cache.move_to_end(domain)
+            while len(self._cache) > MAX_CACHED_DOMAINS:
+                self._cache.popitem(last=False)
+        elif cached is not None and cached[1].failure is None:
+            return _shuffle_equal(cached[1])  # a temporary failure: the last good answer
         return _shuffle_equal(route)
 
     async def _lookup(self, domain: str) -> tuple[MxRoute, float]:

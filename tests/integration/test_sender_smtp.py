@@ -404,3 +404,28 @@ async def test_a_destination_never_opens_more_than_its_connections(
     )
     assert sum(len(events_of(r)) for r in results) == 8 and server.stats.messages == 8
     assert server.stats.max_open_connections == 2
+
+
+async def test_concurrent_lookups_of_a_domain_share_one_query_and_failures_serve_stale(
+    dns_server_factory: DnsServerFactory,
+) -> None:
+    dns = dns_server_factory(
+        {
+            "burst.example": {"MX": [(10, "mx.burst.example")], "ttl": 5},
+            "mx.burst.example": {"A": ["127.0.0.16"], "ttl": 5},
+        }
+    )
+    now = [1000.0]
+    host, port = dns.address.rsplit(":", 1)
+    resolver = MxResolver((host, int(port)), timeout_s=2.0, clock=lambda: now[0])
+    routes = await asyncio.gather(*(resolver.resolve("burst.example") for _ in range(50)))
+    assert dns.query_count("burst.example", "MX") == 1
+    assert all(r.hosts[0].addresses == ("127.0.0.16",) for r in routes)
+    now[0] += 10  # expired; the resolver now fails for the domain
+    dns.update({"burst.example": "SERVFAIL"})
+    stale = await resolver.resolve("burst.example")
+    assert stale.failure is None and stale.hosts[0].name == "mx.burst.example"
+    assert dns.query_count("burst.example", "MX") == 2  # it did ask again
+    fresh = MxResolver((host, int(port)), timeout_s=2.0)
+    failed = await fresh.resolve("burst.example")  # no earlier answer to fall back on
+    assert failed.failure is not None and failed.failure.code == 451
