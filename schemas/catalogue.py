@@ -23,13 +23,25 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"
 MAX_MESSAGE_BYTES = 20 * 1024 * 1024
 _DAY_MS = 24 * 3600 * 1000
 
-#: Delay tiers of `mail.retry.<delay>`, shortest first.
+#: Delay tiers of `mail.retry.<delay>`, shortest first. A record waits in a tier at most the
+#: tier's delay (the router passes a longer wait on to a shorter tier), so the records of a
+#: tier come due in about the order they were written; `10s` carries holds for quota.
 RETRY_TIERS: dict[str, timedelta] = {
+    "10s": timedelta(seconds=10),
     "1m": timedelta(minutes=1),
     "10m": timedelta(minutes=10),
     "1h": timedelta(hours=1),
     "6h": timedelta(hours=6),
 }
+
+
+def tier_for(delay: timedelta) -> str:
+    """The longest tier not longer than the delay (the shortest if the delay is shorter)."""
+    chosen = next(iter(RETRY_TIERS))
+    for name, tier_delay in RETRY_TIERS.items():
+        if tier_delay <= delay:
+            chosen = name
+    return chosen
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,12 @@ releases held mail within a second instead of at the next re-check.
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
-from confluent_kafka import Message
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from schemas.addresses import domain_of
-from schemas.catalogue import ACCEPTED, RETRY_TIERS, outbound_topic, retry_topic
+from schemas.catalogue import ACCEPTED, RETRY_TIERS, outbound_topic, retry_topic, tier_for
 from schemas.records import AcceptedMessage, DeliveryBatch, utc_now
 from schemas.rules import Rules, load_rules
 from services.router.route import recheck, route
@@ -25,11 +25,14 @@ from services.runtime.controls import Controls, ControlView
 from services.runtime.dns import MxResolver
 from services.runtime.health import Health
 from services.runtime.http import admin_app, serve_http
-from services.runtime.loop import BadRecord, Output
+from services.runtime.loop import BadRecord, Handler, Output
 from services.runtime.producer import AsyncProducer
 from services.runtime.service import consumer_loop, run_service, run_until_stopped
 from services.runtime.settings import split_host_port
 from services.runtime.suppression import SuppressionView
+
+#: A batch due later than this when its tier's wait is over goes on to another tier.
+CASCADE_SLACK = timedelta(seconds=1)
 
 
 class Router:
@@ -71,28 +74,57 @@ class Router:
         topic = outbound_topic(accepted.pool)
         return [*(batch_output(topic, b) for b in batches), *map(event_output, events)]
 
-    async def on_retry(self, message: Message) -> Sequence[Output]:
+    def retry_handler(self, tier: str) -> Handler:
+        """The handler of one retry tier's loop."""
+        tier_delay = RETRY_TIERS[tier]
+
+        async def on_retry(message: Message) -> Sequence[Output]:
+            return await self.on_retry(message, tier_delay)
+
+        return on_retry
+
+    async def on_retry(self, message: Message, tier_delay: timedelta) -> Sequence[Output]:
+        """A batch from a retry tier: wait until it is due, but in this tier no longer than
+        the tier's delay after it was written; a batch due later than that goes on to the
+        tier of its remaining wait, so no record sits long in front of records due sooner."""
         batch = decode(DeliveryBatch, message)
+        written = _written_at(message)
+        release = batch.not_before
+        if written is not None and (release is None or release > written + tier_delay):
+            release = written + tier_delay
         if batch.held_for == "paused" and self._controls is not None:
-            await self._wait_while_held(batch)
+            await self._wait_while_held(batch, release)
         else:
-            await _sleep_until(batch.not_before)
+            await _sleep_until(release)
+        if batch.not_before is not None:
+            remaining = batch.not_before - utc_now()
+            if remaining > CASCADE_SLACK and (
+                batch.held_for != "paused" or self._still_held(batch)
+            ):
+                return [batch_output(retry_topic(tier_for(remaining)), batch)]
         live, events = recheck(batch, self._suppressions.is_suppressed)
         outputs = [event_output(e) for e in events]
         if live is not None:
             outputs.append(batch_output(outbound_topic(live.pool), live))
         return outputs
 
-    async def _wait_while_held(self, batch: DeliveryBatch) -> None:
-        assert self._controls is not None
-        while self._controls.still_held(batch):
-            delay_s = (
-                0.0 if batch.not_before is None else (batch.not_before - utc_now()).total_seconds()
-            )
+    def _still_held(self, batch: DeliveryBatch) -> bool:
+        return self._controls is not None and self._controls.still_held(batch)
+
+    async def _wait_while_held(self, batch: DeliveryBatch, until: datetime | None) -> None:
+        while self._still_held(batch):
+            delay_s = 0.0 if until is None else (until - utc_now()).total_seconds()
             if delay_s <= 0:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), delay_s)
+
+
+def _written_at(message: Message) -> datetime | None:
+    kind, ms = message.timestamp()
+    if kind == TIMESTAMP_NOT_AVAILABLE or ms <= 0:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 async def _sleep_until(due: datetime | None) -> None:
@@ -136,7 +168,7 @@ async def main(settings: RouterSettings, stop: asyncio.Event) -> None:
                 name=f"retry-{tier}",
                 group_id=f"{settings.group_id}-retry-{tier}",
                 topics=[retry_topic(tier)],
-                handler=router.on_retry,
+                handler=router.retry_handler(tier),
                 producer=producer,
                 health=health,
                 max_in_flight=settings.retry_max_in_flight,

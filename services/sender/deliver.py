@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from schemas.catalogue import retry_topic
+from schemas.catalogue import retry_topic, tier_for
 from schemas.categories import Category
 from schemas.records import (
     BatchRecipient,
@@ -37,7 +37,7 @@ from services.sender import metrics
 from services.sender.compose import Composer, MessageIds, compose, personalised
 from services.sender.dkim import DkimSigner
 from services.sender.ledger import LEDGER_REPLY, DeliveryLedger
-from services.sender.retry import expired, next_delay, tier_for
+from services.sender.retry import expired, next_delay
 from services.sender.shaping import Clock, Destination, Destinations, ReplyPatterns, Signal
 from services.sender.smtp import ConnectFailed, SmtpPool, SmtpSession
 from services.sender.steer import steer
@@ -195,21 +195,27 @@ class Deliverer:
     def _book_slots(self, batch: DeliveryBatch, destination: Destination) -> list[float] | datetime:
         """Monotonic send times for each recipient, or the time to hold the batch until.
 
-        A batch held for quota had its slots booked when it was held: it is paced at the
-        destination's rate without booking them again.
+        Every send is booked on the destination's rate limiter when it is about to go, so
+        the rate holds however batches come back from a delay topic: late, bunched, or to a
+        new owner after a rebalance. A batch that would wait longer than `max_quota_wait_s`
+        is held instead, until a time taken from the destination's horizon of held batches
+        (each held batch pushes it on by its own sending time), so held batches come back
+        one after another rather than all at once; a new batch queues behind them. A batch
+        that comes back and still has to wait too long is held again, at the back.
         """
         now = self._clock()
         count = len(batch.recipients)
         limiter = destination.limiter
         if not limiter.limited:
             return [now] * count
-        if batch.held_for == "quota":
-            interval = 1.0 / (limiter.rate_per_s or 1.0)
-            return [now + i * interval for i in range(count)]
-        if limiter.next_slot() - now > self._policy.max_quota_wait_s:
-            first = limiter.reserve(count)[0]
-            return utc_now() + timedelta(seconds=first - now)
-        return limiter.reserve(count)
+        earliest = limiter.next_slot()
+        if batch.held_for != "quota":
+            earliest = max(earliest, destination.held_horizon)
+        if earliest - now <= self._policy.max_quota_wait_s:
+            return limiter.reserve(count)
+        start = max(earliest, destination.held_horizon)
+        destination.held_horizon = start + count / (limiter.rate_per_s or 1.0)
+        return utc_now() + timedelta(seconds=start - now)
 
     async def _route(self, domain: str) -> MxRoute:
         smart_host = self._policy.smart_host

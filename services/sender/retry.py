@@ -3,22 +3,11 @@
 import random
 from datetime import datetime, timedelta
 
-from schemas.catalogue import RETRY_TIERS
-
 
 def next_delay(attempt: int, schedule_s: list[float], jitter: float = 0.1) -> timedelta:
     """Delay after failed attempt number `attempt` (1-based): the schedule, then its last step."""
     base_s = schedule_s[min(attempt, len(schedule_s)) - 1]
     return timedelta(seconds=base_s * (1 + random.uniform(-jitter, jitter)))
-
-
-def tier_for(delay: timedelta) -> str:
-    """The longest tier not longer than the delay (the shortest if the delay is shorter)."""
-    chosen = next(iter(RETRY_TIERS))
-    for name, tier_delay in RETRY_TIERS.items():
-        if tier_delay <= delay:
-            chosen = name
-    return chosen
 
 
 def expired(accepted_at: datetime, now: datetime, delay: timedelta, max_age: timedelta) -> bool:

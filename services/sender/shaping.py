@@ -163,6 +163,9 @@ class Destination:
         self.concurrency = AdaptiveLimit(shaping.max_connections)
         self.state = BackoffState()
         self.waiting = 0
+        #: When the batches this sender held for quota are all due back (monotonic): a new
+        #: batch that has to wait queues behind them (see `Deliverer._book_slots`).
+        self.held_horizon = 0.0
         self.override_per_s: float | None = None
         #: Measured send rate (messages/s over the last window): what a backoff cuts when no
         #: rate is configured.

@@ -9,12 +9,20 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from confluent_kafka import Producer
 
-from schemas.records import ControlAction, ControlCommand
+from schemas.api import Content
+from schemas.records import (
+    BatchRecipient,
+    ControlAction,
+    ControlCommand,
+    DeliveryBatch,
+    utc_now,
+)
 from tests.integration.conftest import Stack, topic, unique
 from tests.support.kafka import BOOTSTRAP, EventLog, TopicTail
 from tests.support.smtp_server import RunningSmtpServer, SmtpScript, start_smtp_server
@@ -302,3 +310,39 @@ def test_a_slow_down_greeting_backs_the_destination_off(
     assert factor is not None and factor < 1.0
     server.set_script(SmtpScript())
     events.wait_types(first, {"delivered"}, timeout_s=30)
+
+
+def test_a_batch_due_later_than_its_tier_moves_on_instead_of_waiting_in_front(
+    stack: Stack, events: EventLog
+) -> None:
+    """A record waits in a tier at most the tier's delay: a batch due in 25 s written to the
+    10 s tier is passed on (to the 10 s tier again, with its remaining wait) until due."""
+    rcpt = unique("cascade", "cascade.example")
+    written = utc_now()
+    batch = DeliveryBatch(
+        message_id=f"cascade{uuid.uuid4().hex[:16]}",
+        tenant="acme",
+        pool="default",
+        throttle_key="cascade.example",
+        domain="cascade.example",
+        from_="a@acme.example",
+        content=Content(subject="s", text="t"),
+        recipients=[BatchRecipient(email=rcpt, index=0)],
+        accepted_at=written,
+        not_before=written + timedelta(seconds=25),
+        held_for="quota",
+    )
+    tier = TopicTail(topic("mail.retry.10s"))
+    try:
+        producer = Producer({"bootstrap.servers": BOOTSTRAP})
+        producer.produce(
+            topic("mail.retry.10s"), batch.model_dump_json(by_alias=True).encode(), key=b"cascade"
+        )
+        assert producer.flush(10) == 0
+        delivered = events.wait_types(rcpt, {"delivered"}, timeout_s=60)
+        at = next(e.ts for e in delivered if e.type.value == "delivered")
+        assert at >= written + timedelta(seconds=24)
+        copies = [r for r in tier.records() if batch.message_id.encode() in (r.value() or b"")]
+        assert len(copies) >= 3  # written once, passed on twice
+    finally:
+        tier.stop()

@@ -9,6 +9,7 @@ import dkim
 import pytest
 
 from schemas.api import Attachment, Content
+from schemas.catalogue import tier_for
 from schemas.records import BatchRecipient, DeliveryBatch
 from schemas.rules import Pool, Rules
 from services.bounce.verp import VerpToken, decode_message_id
@@ -17,7 +18,7 @@ from services.sender.compose import LOCAL_IDS, Composer, MessageIds, compose, su
 from services.sender.deliver import Deliverer, DeliveryPolicy
 from services.sender.dkim import DkimSigner
 from services.sender.dkim_keys import load_keyring
-from services.sender.retry import expired, next_delay, tier_for
+from services.sender.retry import expired, next_delay
 from services.sender.settings import SenderSettings
 from services.sender.smtp import SmtpOptions, SmtpPool, reply_of
 from tests.support.dkim_keys import dkim_records, verify_all, write_key_folder
@@ -101,7 +102,9 @@ def test_the_default_schedule_backs_off_from_a_minute_to_hours() -> None:
 def test_retry_schedule_and_tiers() -> None:
     assert next_delay(1, [60, 600], jitter=0) == timedelta(seconds=60)
     assert next_delay(5, [60, 600], jitter=0) == timedelta(seconds=600)
-    assert tier_for(timedelta(seconds=5)) == "1m"
+    assert tier_for(timedelta(seconds=5)) == "10s"
+    assert tier_for(timedelta(seconds=59)) == "10s"
+    assert tier_for(timedelta(seconds=61)) == "1m"
     assert tier_for(timedelta(minutes=30)) == "10m"
     assert tier_for(timedelta(hours=7)) == "6h"
     start = datetime(2026, 1, 1, tzinfo=UTC)

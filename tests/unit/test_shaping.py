@@ -8,9 +8,11 @@ import pytest
 
 from schemas.api import Content
 from schemas.records import BatchRecipient, ControlAction, ControlCommand, DeliveryBatch, SmtpReply
-from schemas.rules import Backoff, Shaping
+from schemas.rules import Backoff, Pool, Rules, Shaping, ShapingOverride
 from services.runtime.controls import Controls, parse_scope
+from services.sender.deliver import Deliverer, DeliveryPolicy
 from services.sender.shaping import BURST_S, Destination, RateLimiter, ReplyPatterns, Signal
+from services.sender.smtp import SmtpOptions, SmtpPool
 
 
 class FakeClock:
@@ -204,3 +206,68 @@ def test_quota_override_takes_the_lowest() -> None:
     )
     assert controls.quota(batch()) == 2
     assert parse_scope("Domain:GMAIL.com@pool:x") == {"domain": "gmail.com", "pool": "x"}
+
+
+def _quota_deliverer(clock: FakeClock, per_s: float) -> Deliverer:
+    rules = Rules(domains={"q.example": ShapingOverride(messages_per_s=per_s)})
+    policy = DeliveryPolicy(
+        bounce_domain="bounces.example",
+        verp_key=b"k" * 16,
+        retry_schedule_s=[60.0],
+        max_age=timedelta(days=1),
+        max_quota_wait_s=2.0,
+    )
+    smtp = SmtpPool(SmtpOptions(ehlo="sender.example"))
+    return Deliverer(Pool(name="default"), rules, policy, smtp, None, Controls(), clock=clock)
+
+
+def _quota_batch(n: int, held: bool) -> DeliveryBatch:
+    return DeliveryBatch(
+        message_id=f"m{n}",
+        tenant="acme",
+        pool="default",
+        throttle_key="q.example",
+        domain="q.example",
+        from_="a@acme.example",
+        content=Content(subject="s", text="t"),
+        recipients=[BatchRecipient(email=f"r{i}@q.example", index=i) for i in range(10)],
+        accepted_at=datetime.now(UTC),
+        held_for="quota" if held else None,
+    )
+
+
+@pytest.mark.parametrize("new_owner", [False, True])
+def test_held_batches_coming_back_bunched_never_beat_the_rate(new_owner: bool) -> None:
+    """Twenty batches of ten at 5/s: most are held; they come back all at once (late, or to
+    a new owner after a rebalance) and still no second carries more than the rate allows."""
+    clock = FakeClock()
+    deliverer = _quota_deliverer(clock, 5.0)
+    destination = deliverer.destinations.get("q.example")
+    sent: list[float] = []
+    held = 0
+    for n in range(20):
+        slots = deliverer._book_slots(_quota_batch(n, False), destination)
+        if isinstance(slots, list):
+            sent += slots
+        else:
+            held += 1
+    assert held >= 18
+    if new_owner:
+        deliverer = _quota_deliverer(clock, 5.0)
+        destination = deliverer.destinations.get("q.example")
+    clock.now += 30.0  # they all come back at the same moment
+    for _ in range(100):
+        back = held
+        held = 0
+        for n in range(back):
+            slots = deliverer._book_slots(_quota_batch(n, True), destination)
+            if isinstance(slots, list):
+                sent += slots
+            else:
+                held += 1
+        if not held:
+            break
+        clock.now = max(clock.now, min(destination.held_horizon, clock.now + 5.0))
+    assert not held and len(sent) == 200
+    burst = int(5.0 * BURST_S) + 1
+    assert _most_in_any_window(sent, 1.0) <= 5 + burst
