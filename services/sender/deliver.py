@@ -58,10 +58,11 @@ class DeliveryPolicy:
     #: Batches one destination may have in progress; more are held, so that no destination
     #: takes the whole in-flight budget and stalls the others on its partitions.
     max_batches_per_destination: int = 50
-    #: Batches all destinations together may have in progress before a destination that
-    #: already has one gets its next held: below the loop's in-flight budget (which pauses
-    #: the partitions), so a few slow destinations can never fill it and every destination
-    #: without a batch in progress still gets one in.
+    #: Batches all destinations together may have in progress before a slow destination
+    #: (`Destination.slow`) that already has one gets its next held: below the loop's
+    #: in-flight budget (which pauses the partitions), so a few slow destinations can never
+    #: fill it, and every destination without a batch in progress still gets one in. Fast
+    #: destinations are never held for it: waiting behind them costs milliseconds.
     max_batches_in_progress: int = 150
     #: How long a batch for a destination with too many batches in progress is held.
     busy_hold_s: float = 5.0
@@ -146,7 +147,9 @@ class Deliverer:
             hold_until = min(paused_until, now + timedelta(seconds=self._policy.pause_recheck_s))
             return self._hold(batch, batch.recipients, hold_until, "paused", now)
         if destination.waiting >= self._policy.max_batches_per_destination or (
-            destination.waiting > 0 and self._in_progress >= self._policy.max_batches_in_progress
+            destination.waiting > 0
+            and self._in_progress >= self._policy.max_batches_in_progress
+            and destination.slow()
         ):
             return self._hold(
                 batch,
@@ -158,12 +161,12 @@ class Deliverer:
         slots = self._book_slots(batch, destination)
         if isinstance(slots, datetime):
             return self._hold(batch, batch.recipients, slots, "quota", now)
-        destination.waiting += 1
+        token = destination.begin()
         self._in_progress += 1
         try:
             attempt = await self._attempt(batch, destination, slots)
         finally:
-            destination.waiting -= 1
+            destination.end(token)
             self._in_progress -= 1
         outputs = self._records(batch, attempt.outcomes)
         if attempt.blocked_by is not None:

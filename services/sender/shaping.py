@@ -6,6 +6,7 @@ injected monotonic clock so tests can drive it.
 """
 
 import asyncio
+import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,10 @@ Clock = Callable[[], float]
 RATE_WINDOW_S = 10.0
 #: The most a rate window lets go at once, in seconds of its pace (see RateLimiter).
 BURST_S = 1.0
+#: A destination whose batches take this long is slow: past the sender's shared budget of
+#: batches in progress, its further batches wait in a delay topic instead of in memory.
+SLOW_ATTEMPT_S = 1.0
+ATTEMPT_SMOOTHING = 0.3
 
 
 class RateLimiter:
@@ -162,7 +167,12 @@ class Destination:
         self.limiter = RateLimiter(shaping.windows(), clock)
         self.concurrency = AdaptiveLimit(shaping.max_connections)
         self.state = BackoffState()
+        #: Batches in progress, and when each began (by token).
         self.waiting = 0
+        self._started: dict[int, float] = {}
+        self._tokens = itertools.count()
+        #: How long this destination's batches take, smoothed (seconds).
+        self.attempt_s = 0.0
         #: When the batches this sender held for quota are all due back (monotonic): a new
         #: batch that has to wait queues behind them (see `Deliverer._book_slots`).
         self.held_horizon = 0.0
@@ -173,6 +183,26 @@ class Destination:
         self._window_start = clock()
         self._window_sends = 0
         self.last_used = clock()
+
+    def begin(self) -> int:
+        """A batch starts; returns the token to `end` it with."""
+        token = next(self._tokens)
+        self._started[token] = self._clock()
+        self.waiting += 1
+        return token
+
+    def end(self, token: int) -> None:
+        started = self._started.pop(token)
+        self.waiting -= 1
+        elapsed = self._clock() - started
+        self.attempt_s += ATTEMPT_SMOOTHING * (elapsed - self.attempt_s)
+
+    def slow(self) -> bool:
+        """Whether its batches take long: on average, or one in progress already has."""
+        if self.attempt_s >= SLOW_ATTEMPT_S:
+            return True
+        oldest = min(self._started.values(), default=None)
+        return oldest is not None and self._clock() - oldest >= SLOW_ATTEMPT_S
 
     def effective_rate_per_s(self) -> float | None:
         return self.limiter.rate_per_s

@@ -364,23 +364,42 @@ async def test_slow_destinations_never_take_the_whole_in_progress_budget(
     sender._policy = dataclasses.replace(
         sender._policy, max_batches_per_destination=10, max_batches_in_progress=3
     )
-    slow = [batch(d, f"u{i}") for d in ("slow-a.example", "slow-b.example") for i in range(3)]
+    first = [
+        asyncio.create_task(sender.deliver(batch("slow-a.example", f"a{i}"))) for i in range(3)
+    ]
+    await asyncio.sleep(1.5)  # three in progress, the oldest for over a second: slow-a is slow
+    later = [
+        asyncio.create_task(sender.deliver(batch("slow-a.example", f"b{i}"))) for i in range(3)
+    ]
     started = time.monotonic()
-    tasks = [asyncio.create_task(sender.deliver(b)) for b in slow]
-    await asyncio.sleep(0.5)  # the slow ones are in progress (or held) by now
     quick = await sender.deliver(batch("quick.example", "q"))
     quick_s = time.monotonic() - started
-    results = await asyncio.gather(*tasks)
+    newcomer = await sender.deliver(batch("slow-b.example", "c"))
+    results = await asyncio.gather(*first, *later)
     assert [e.type.value for e in events_of(quick)] == ["delivered"] and fast.messages
-    assert quick_s < 3.0, "the quick destination waited for the slow ones"
-    held = [r for outputs in results for r in retries_of(outputs)]
-    delivered = [e for outputs in results for e in events_of(outputs)]
-    # slow-a fills the budget of three; slow-b, with nothing in progress, still gets its
-    # first batch in; its other two go to a delay topic instead of waiting (and filling the
-    # loop's in-flight budget), and quick.example, with nothing in progress, goes at once.
-    assert len(delivered) == 4 and len(held) == 2
-    assert {r.domain for r in held} == {"slow-b.example"}
-    assert {r.held_for for r in held} == {"busy"}
+    assert quick_s < 1.0, "the quick destination waited for the slow ones"
+    # Past the budget, slow-a's further batches go to a delay topic instead of waiting (and
+    # filling the loop's in-flight budget); quick.example and slow-b, with nothing in
+    # progress, go at once.
+    held = [r for outputs in results[3:] for r in retries_of(outputs)]
+    assert len(held) == 3 and {r.held_for for r in held} == {"busy"}
+    assert all(len(events_of(outputs)) == 1 for outputs in results[:3])
+    assert [e.type.value for e in events_of(newcomer)] == ["delivered"]
+
+
+async def test_fast_destinations_are_never_held_for_the_shared_budget(
+    smtp_server_factory: SmtpServerFactory,
+) -> None:
+    server = smtp_server_factory(command_delays_s={".": 0.05})
+    sender = deliverer(server.port)
+    sender._policy = dataclasses.replace(
+        sender._policy, max_batches_per_destination=50, max_batches_in_progress=3
+    )
+    results = await asyncio.gather(
+        *(sender.deliver(batch("busy-but-fast.example", f"u{i}")) for i in range(12))
+    )
+    assert not [r for outputs in results for r in retries_of(outputs)]
+    assert server.stats.messages == 12
 
 
 async def test_a_connection_carries_at_most_its_message_limit(
