@@ -4,13 +4,14 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.catalogue import TOPIC_PREFIX
 
 PRODUCER_QUEUE_KBYTES = 65536
 CONSUMER_QUEUE_KBYTES = 32768
+CONSUMER_FETCH_KBYTES = 16384
 
 
 def split_host_port(value: str, default_port: int) -> tuple[str, int]:
@@ -43,6 +44,9 @@ class ServiceSettings(BaseSettings):
     max_in_flight: int = 2000
     commit_interval_s: float = 1.0
     drain_timeout_s: float = 60.0
+    #: librdkafka's prefetch queue and largest fetch response per consumer loop (KiB).
+    consumer_queue_kbytes: int = Field(default=CONSUMER_QUEUE_KBYTES, ge=1024)
+    consumer_fetch_kbytes: int = Field(default=CONSUMER_FETCH_KBYTES, ge=1024)
 
     def kafka_common(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -79,9 +83,12 @@ class ServiceSettings(BaseSettings):
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
-            "queued.max.messages.kbytes": CONSUMER_QUEUE_KBYTES,
-            "fetch.max.bytes": 52428800,
-            "max.partition.fetch.bytes": 20 * 1024 * 1024 + 65536,
+            # librdkafka's memory for this consumer: what it prefetches, and how much one
+            # fetch response may carry (a record larger than either still comes through,
+            # alone: KIP-74). Past the loop's in-flight limit, more buffering is only memory.
+            "queued.max.messages.kbytes": self.consumer_queue_kbytes,
+            "fetch.max.bytes": self.consumer_fetch_kbytes * 1024,
+            "max.partition.fetch.bytes": self.consumer_fetch_kbytes * 1024,
             "session.timeout.ms": 30000,
             "max.poll.interval.ms": 300000,
             "partition.assignment.strategy": "cooperative-sticky",

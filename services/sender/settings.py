@@ -18,6 +18,10 @@ class SenderSettings(ServiceSettings):
     verp_key: SecretStr = SecretStr("mailrail-local-verp-key")
     #: Records (batches) being delivered at once; past this the partitions pause.
     max_in_flight: int = 200
+    #: A batch is up to ~100 recipients and one body: 8 MiB prefetched is hundreds of them,
+    #: more than the in-flight limit can take; the rest is only resident memory.
+    consumer_queue_kbytes: int = 8192
+    consumer_fetch_kbytes: int = 8192
     #: A batch whose first rate slot is further away than this waits in a delay topic.
     max_quota_wait_s: float = 2.0
     #: Batches one destination may have in progress before more are held for `busy_hold_s`.
