@@ -15,6 +15,7 @@ from services.runtime import telemetry_metrics, tracing
 from services.runtime.health import Health
 from services.runtime.logs import configure_logging
 from services.runtime.loop import ConsumerLoop, Handler
+from services.runtime.memory import bound_malloc_arenas, trim_periodically
 from services.runtime.producer import AsyncProducer
 from services.runtime.settings import ServiceSettings
 
@@ -25,6 +26,7 @@ S = TypeVar("S", bound=ServiceSettings)
 def run_service(
     name: str, settings: S, main: Callable[[S, asyncio.Event], Awaitable[None]]
 ) -> None:
+    bound_malloc_arenas()  # before any Kafka client starts its threads
     configure_logging(name, settings.log_level, settings.log_format)
     provider = tracing.configure(name)
     telemetry_metrics.configure(name)
@@ -42,7 +44,11 @@ def run_service(
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
-        await main(settings, stop)
+        trimmer = asyncio.create_task(trim_periodically(stop))
+        try:
+            await main(settings, stop)
+        finally:
+            trimmer.cancel()
 
     log.info("starting", extra={"service": name})
     try:
