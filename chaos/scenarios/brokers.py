@@ -84,7 +84,7 @@ def _byte_duplicates(stack: ChaosStack, name: str) -> tuple[int, int]:
     """(records, records whose key and value are byte-identical to an earlier one)."""
     reader = EventReader(stack.bootstrap, stack.topic(name))
     try:
-        reader.poll(20.0)
+        reader.catch_up()
         seen = Counter((key, value) for key, value, _ in reader.raw)
         return len(reader.raw), sum(n - 1 for n in seen.values() if n > 1)
     finally:

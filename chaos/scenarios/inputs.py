@@ -381,7 +381,7 @@ def _check_listener(verdict: Verdict, stack: ChaosStack, address: str) -> None:
     time.sleep(3.0)
     reader = EventReader(stack.bootstrap, stack.topic("mail.suppression"))
     try:
-        reader.poll(2.0)
+        reader.catch_up()
         suppressed = [k for k, _, _ in reader.raw if k is not None and victim.encode() in k]
     finally:
         reader.close()

@@ -185,7 +185,7 @@ def ledger_writes(stack: ChaosStack) -> dict[str, list[float]]:
     """Key → when each of its `mail.ledger` records was made (the entry's `ts`)."""
     reader = EventReader(stack.bootstrap, stack.topic("mail.ledger"))
     try:
-        reader.poll(2.0)
+        reader.catch_up()
         found: dict[str, list[float]] = {}
         for key, value, _ in reader.raw:
             if key is not None and value is not None:

@@ -41,7 +41,7 @@ def _broken_transaction(number: str, mode: Mode, full: bool) -> Verdict:
             settle_and_judge(verdict, stack, load, [sink], timeout_s=120, include_unanswered=True)
             reader = EventReader(stack.bootstrap, stack.topic("mail.events"))
             try:
-                reader.poll(1.0)
+                reader.catch_up()
                 broken = set(proxy.stats.cut if mode == "cut" else proxy.stats.swallowed)
                 rcpts = {r for _, r in load.pairs}
                 deferred_first = [

@@ -6,7 +6,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
@@ -26,9 +26,10 @@ def broker_available(bootstrap: str = BOOTSTRAP, timeout_s: float = 5.0) -> bool
 
 
 class TopicTail:
-    """Reads every record written to a topic after construction, in a background thread."""
+    """Reads every record written to a topic (or to any of several) after construction, in a
+    background thread."""
 
-    def __init__(self, topic: str, bootstrap: str = BOOTSTRAP) -> None:
+    def __init__(self, topic: str | Sequence[str], bootstrap: str = BOOTSTRAP) -> None:
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
@@ -36,11 +37,12 @@ class TopicTail:
                 "enable.auto.commit": False,
             }
         )
-        partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
         assignment = []
-        for partition in partitions:
-            high = self._end_offset(TopicPartition(topic, partition))
-            assignment.append(TopicPartition(topic, partition, high))
+        for name in [topic] if isinstance(topic, str) else topic:
+            partitions = self._consumer.list_topics(name, timeout=10).topics[name].partitions
+            for partition in partitions:
+                high = self._end_offset(TopicPartition(name, partition))
+                assignment.append(TopicPartition(name, partition, high))
         self._consumer.assign(assignment)
         self._records: list[Message] = []
         self._lock = threading.Condition()
