@@ -4,8 +4,12 @@ Guarantees:
 - An offset is committed only after every record its record caused is acknowledged by Kafka.
   Records complete out of order; per partition the loop commits up to the lowest record still
   in flight, so a slow record holds back commits, never other records' work.
-- In-flight work is bounded: past `max_in_flight` the partitions are paused (the loop keeps
-  polling, so the member is never evicted) and resumed when half has drained.
+- In-flight work is bounded: at `max_in_flight` the loop takes nothing more and waits for a
+  record to finish (librdkafka's prefetch, bounded by `queued.max.messages.kbytes`, stays);
+  only when none finishes for `PAUSE_AFTER_S` are the partitions paused (the loop keeps
+  polling, so the member is never evicted), and resumed when half has drained. A pause
+  throws the prefetched records away and costs a fetch round trip on resume: paying that
+  on every full window held a sender of one-recipient batches to ~200 records/s.
 - Revoke drains the revoked partitions' work and commits it; lost partitions are dropped.
 - Shutdown (the `stop` event) stops consuming, drains with a timeout, commits and closes.
 - A bad record goes to `mail.rejected` with the reason; an unexpected exception is fatal: the
@@ -13,6 +17,7 @@ Guarantees:
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -34,6 +39,9 @@ log = logging.getLogger(__name__)
 
 CONSUME_TIMEOUT_S = 0.2
 CONSUME_BATCH = 500
+#: How long the loop, at its in-flight limit, waits for a record to finish before it pauses
+#: the partitions: far below `max.poll.interval.ms`, and below the liveness timeout.
+PAUSE_AFTER_S = 2.0
 PRODUCE_RETRY_LIMIT = 5
 PRODUCE_RETRY_BASE_S = 0.5
 T = TypeVar("T")
@@ -118,12 +126,19 @@ class ConsumerLoop:
         self._partitions: dict[tuple[str, int], _PartitionState] = {}
         self._in_flight = 0
         self._paused = False
+        #: Set whenever a record leaves the in-flight count.
+        self._room = asyncio.Event()
         self._fatal: BaseException | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"consumer-{name}")
         self._consumer: Consumer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: (topic, partition) → unread records, refreshed every `lag.INTERVAL_S`.
         self.lag: dict[tuple[str, int], int] = {}
+
+    @property
+    def paused(self) -> bool:
+        """Whether the partitions are paused for back-pressure."""
+        return self._paused
 
     @property
     def assigned(self) -> list[tuple[str, int]]:
@@ -146,6 +161,8 @@ class ConsumerLoop:
         last_commit = last_lag = time.monotonic()
         try:
             while not stop.is_set() and self._fatal is None:
+                if not self._paused and self._in_flight >= self._max_in_flight:
+                    await self._wait_for_room()
                 room = max(1, min(CONSUME_BATCH, self._max_in_flight - self._in_flight))
                 messages = await self._call(take, consumer, room, CONSUME_TIMEOUT_S)
                 self._health.beat(self.name)
@@ -228,6 +245,7 @@ class ConsumerLoop:
         if state is not None and offset in state.pending:
             state.pending.discard(offset)
             self._in_flight -= 1
+            self._room.set()
             metrics.IN_FLIGHT.labels(self.name).set(self._in_flight)
 
     async def _write(self, outputs: Sequence[Output]) -> None:
@@ -246,10 +264,23 @@ class ConsumerLoop:
                 log.warning("produce failed, retrying", extra={"error": str(failed)})
                 await asyncio.sleep(PRODUCE_RETRY_BASE_S * 2**attempt)
 
-    async def _apply_backpressure(self) -> None:
+    async def _wait_for_room(self) -> None:
+        """At the limit: wait up to PAUSE_AFTER_S for a record to finish; if none does, pause
+        (`_apply_backpressure`), so that the loop goes back to polling."""
+        deadline = time.monotonic() + PAUSE_AFTER_S
+        while self._in_flight >= self._max_in_flight and self._fatal is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                await self._apply_backpressure(pause=True)
+                return
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), remaining)
+
+    async def _apply_backpressure(self, pause: bool = False) -> None:
         consumer = self._consumer
         assert consumer is not None
-        if not self._paused and self._in_flight >= self._max_in_flight:
+        if pause and not self._paused and self._in_flight >= self._max_in_flight:
             self._paused = True
             await self._call(lambda: consumer.pause(consumer.assignment()))
         elif self._paused and self._in_flight <= self._max_in_flight // 2:
@@ -317,6 +348,7 @@ class ConsumerLoop:
             state = self._partitions.pop(key, None)
             if state is not None:
                 self._in_flight -= len(state.pending)
+        self._room.set()
         metrics.IN_FLIGHT.labels(self.name).set(self._in_flight)
 
     # Rebalance callbacks run on the consumer thread, inside consume(); the event loop is free.

@@ -1,5 +1,6 @@
-"""The shared consumer loop against the real broker: in-flight work is bounded (partitions
-pause, nothing piles up in memory), and offsets are committed only for finished records."""
+"""The shared consumer loop against the real broker: in-flight work is bounded (the loop waits
+for room, and pauses the partitions when none comes), and offsets are committed only for
+finished records."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from services.runtime.consume import start_at_end
 from services.runtime.health import Health
-from services.runtime.loop import ConsumerLoop, Output
+from services.runtime.loop import PAUSE_AFTER_S, ConsumerLoop, Output
 from services.runtime.producer import AsyncProducer
 from services.runtime.settings import ServiceSettings
 from tests.support.kafka import BOOTSTRAP, broker_available
@@ -85,8 +86,10 @@ async def test_in_flight_work_is_bounded_and_only_finished_records_are_committed
             if running >= MAX_IN_FLIGHT:
                 break
             await asyncio.sleep(0.1)
-        await asyncio.sleep(2.0)  # plenty of time to take more, had it not paused
+        # Waiting for room, then (nothing finished) paused: it never takes more either way.
+        await asyncio.sleep(PAUSE_AFTER_S + 1.5)
         assert running == MAX_IN_FLIGHT and peak == MAX_IN_FLIGHT
+        assert loop.paused
         assert not done
         committed = await asyncio.to_thread(_committed, topic, group)
         # Nothing finished: no commit, or one that still points at the first record.
@@ -106,6 +109,60 @@ async def test_in_flight_work_is_bounded_and_only_finished_records_are_committed
     try:
         assert await asyncio.to_thread(_committed, topic, group) == RECORDS
     finally:
+        admin.delete_topics([topic])
+
+
+@pytest.mark.asyncio
+async def test_a_loop_at_its_limit_whose_records_finish_never_pauses() -> None:
+    """A pause throws librdkafka's prefetch away; records finishing keep the loop from it."""
+    topic = f"test-loop-{uuid.uuid4().hex[:8]}"
+    group = f"test-loop-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(20)
+    producer = Producer({"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True})
+    for n in range(RECORDS):
+        producer.produce(topic, str(n).encode())
+    assert producer.flush(10) == 0
+    done: list[int] = []
+    running = peak = 0
+    paused_seen = False
+    loop: ConsumerLoop | None = None
+
+    async def handler(message: Message) -> Sequence[Output]:
+        nonlocal running, peak, paused_seen
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        paused_seen = paused_seen or bool(loop and loop.paused)
+        done.append(int(message.value() or b"-1"))
+        return []
+
+    settings = _Settings(kafka_bootstrap=BOOTSTRAP)
+    loop = ConsumerLoop(
+        name="steady",
+        consumer_config=settings.consumer_config(group) | {"group.id": group},
+        topics=[topic],
+        handler=handler,
+        producer=AsyncProducer(settings.producer_config()),
+        health=Health(),
+        max_in_flight=MAX_IN_FLIGHT,
+        commit_interval_s=0.2,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    try:
+        for _ in range(300):
+            if len(done) == RECORDS:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(done) == list(range(RECORDS))
+        assert peak == MAX_IN_FLIGHT  # it was at its limit...
+        assert not paused_seen  # ... and never paused
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
         admin.delete_topics([topic])
 
 
