@@ -38,7 +38,10 @@ def build_deliverer(settings: SenderSettings, controls: ControlView) -> tuple[De
             ehlo=pool.ehlo,
             source_addresses=tuple(pool.source_addresses),
             command_timeout_s=settings.smtp_timeout_s,
-        )
+        ),
+        # No more sessions are in use than batches in progress: keeping that many idle
+        # means a smart host (one address for every destination) is never reconnected to.
+        max_idle_per_host=settings.max_in_flight,
     )
     smart_host = split_host_port(settings.smart_host, 25) if settings.smart_host else None
     resolver = None

@@ -335,10 +335,11 @@ class SmtpPool:
     whatever address it was opened from.
     """
 
-    def __init__(self, options: SmtpOptions, max_connections_per_host: int = 100) -> None:
+    def __init__(self, options: SmtpOptions, max_idle_per_host: int = 100) -> None:
         self._options = options
         self._hosts: dict[tuple[str, int, str], _Host] = defaultdict(_Host)
-        self._max_per_host = max_connections_per_host
+        #: Idle sessions kept per host; one returned beyond that is closed.
+        self._max_idle = max_idle_per_host
         self._verified = options.tls_context or ssl.create_default_context()
         self._unverified = _unverified_context()
         self._turn = itertools.count()
@@ -366,11 +367,7 @@ class SmtpPool:
         try:
             yield session
         finally:
-            if (
-                session.alive
-                and session.sent < max_messages
-                and len(host.idle) < self._max_per_host
-            ):
+            if session.alive and session.sent < max_messages and len(host.idle) < self._max_idle:
                 host.idle.append(session)
             else:
                 host.open -= 1
