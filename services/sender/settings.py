@@ -18,10 +18,11 @@ class SenderSettings(ServiceSettings):
     verp_key: SecretStr = SecretStr("mailrail-local-verp-key")
     #: Records (batches) being delivered at once; past this the partitions pause.
     max_in_flight: int = 200
-    #: A batch is up to ~100 recipients and one body: 8 MiB prefetched is hundreds of them,
-    #: more than the in-flight limit can take; the rest is only resident memory.
-    consumer_queue_kbytes: int = 8192
-    consumer_fetch_kbytes: int = 8192
+    #: librdkafka counts its prefetch in compressed (lz4) bytes and holds it decompressed:
+    #: 8 MiB of mail bodies was ~70 MiB resident. 1 MiB still holds several times the
+    #: in-flight limit of one-recipient batches; the rest would be only resident memory.
+    consumer_queue_kbytes: int = 1024
+    consumer_fetch_kbytes: int = 1024
     #: A batch whose first rate slot is further away than this waits in a delay topic.
     max_quota_wait_s: float = 2.0
     #: Batches one destination may have in progress before more are held for `busy_hold_s`.
