@@ -105,14 +105,6 @@ def _crash_phase(
     # Each life delivers 1 to 4 new recipients before its crash: enough mail for the target.
     per_message = 5
     messages = max(4, target * 5 // per_message)
-    load = post_sync(
-        f"http://{stack.http_addr}",
-        API_KEY,
-        bodies(tag, messages, per_message, 16),
-        concurrency=8,
-    )
-    accepted_everything(verdict, load, messages)
-    pairs = load.pairs
 
     def arm(name: str) -> None:
         stack.set_env(
@@ -122,9 +114,18 @@ def _crash_phase(
         )
         stack.start(name, wait=False)
 
+    # Armed before the load goes in: unarmed senders would deliver it before any crash.
     for name in names:
         stack.terminate(name)
         arm(name)
+    load = post_sync(
+        f"http://{stack.http_addr}",
+        API_KEY,
+        bodies(tag, messages, per_message, 16),
+        concurrency=8,
+    )
+    accepted_everything(verdict, load, messages)
+    pairs = load.pairs
     crashes = other_exits = 0
     deadline = time.monotonic() + (1800 if full else 150)
     last_poll = 0.0
