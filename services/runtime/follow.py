@@ -37,7 +37,9 @@ POLL_TIMEOUT_S = 0.1
 METADATA_TIMEOUT_S = 10.0
 RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 5.0
-VIEW_QUEUE_KBYTES = 8192
+#: Counted compressed and held decompressed: 8 MiB of ledger entries loading at start-up
+#: was over 100 MiB resident in a sender.
+VIEW_QUEUE_KBYTES = 1024
 OnRecord = Callable[[int, int, bytes | None, bytes | None, int], None]
 OnKeyed = Callable[[str, bytes | None], None]
 
