@@ -181,7 +181,10 @@ class Stack:
                 MAILRAIL_RATE_BURST_RECIPIENTS="10000000",
             ),
             self._service("router", "services.router"),
-            self._service("bounce", "services.bounce"),
+            # Its SMTP listener on a free port too: a bench must not collide with `make run`.
+            self._service(
+                "bounce", "services.bounce", MAILRAIL_BOUNCE_SMTP_ADDR=f"127.0.0.1:{free_port()}"
+            ),
         ]
         for process in starting:
             self._launch(process)

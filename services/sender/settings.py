@@ -16,7 +16,7 @@ class SenderSettings(ServiceSettings):
     retry_schedule_s: list[float] = [60, 300, 900, 1800, 3600, 7200, 14400]
     max_age_s: float = 3 * 24 * 3600
     verp_key: SecretStr = SecretStr("mailrail-local-verp-key")
-    #: Records (batches) being delivered at once; past this the partitions pause.
+    #: Records (batches) being delivered at once; at this the loop takes no more.
     max_in_flight: int = 200
     #: librdkafka counts its prefetch in compressed (lz4) bytes and holds it decompressed:
     #: 8 MiB of mail bodies was ~70 MiB resident. 1 MiB still holds several times the
