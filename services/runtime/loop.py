@@ -168,7 +168,7 @@ class ConsumerLoop:
                 self._health.beat(self.name)
                 for message in messages:
                     self._accept(message)
-                await self._apply_backpressure()
+                await self._resume_if_drained()
                 if time.monotonic() - last_commit >= self._commit_interval_s:
                     await self._commit()
                     last_commit = time.monotonic()
@@ -266,24 +266,29 @@ class ConsumerLoop:
 
     async def _wait_for_room(self) -> None:
         """At the limit: wait up to PAUSE_AFTER_S for a record to finish; if none does, pause
-        (`_apply_backpressure`), so that the loop goes back to polling."""
+        (`_pause`), so that the loop goes back to polling."""
         deadline = time.monotonic() + PAUSE_AFTER_S
         while self._in_flight >= self._max_in_flight and self._fatal is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                await self._apply_backpressure(pause=True)
+                await self._pause()
                 return
             self._room.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._room.wait(), remaining)
 
-    async def _apply_backpressure(self, pause: bool = False) -> None:
+    async def _pause(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        if pause and not self._paused and self._in_flight >= self._max_in_flight:
-            self._paused = True
-            await self._call(lambda: consumer.pause(consumer.assignment()))
-        elif self._paused and self._in_flight <= self._max_in_flight // 2:
+        self._paused = True
+        await self._call(lambda: consumer.pause(consumer.assignment()))
+        metrics.PAUSED.labels(self.name).set(1)
+
+    async def _resume_if_drained(self) -> None:
+        """Resume paused partitions once half the in-flight limit has drained."""
+        consumer = self._consumer
+        assert consumer is not None
+        if self._paused and self._in_flight <= self._max_in_flight // 2:
             self._paused = False
             await self._call(lambda: consumer.resume(consumer.assignment()))
         metrics.PAUSED.labels(self.name).set(int(self._paused))

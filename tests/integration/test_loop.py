@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
@@ -41,8 +41,8 @@ def _committed(topic: str, group: str) -> int:
         consumer.close()
 
 
-@pytest.mark.asyncio
-async def test_in_flight_work_is_bounded_and_only_finished_records_are_committed() -> None:
+def _topic_with_records() -> tuple[str, str, AdminClient]:
+    """A new one-partition topic holding RECORDS records "0".."59", and a group name."""
     topic = f"test-loop-{uuid.uuid4().hex[:8]}"
     group = f"test-loop-{uuid.uuid4().hex[:8]}"
     admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
@@ -51,6 +51,28 @@ async def test_in_flight_work_is_bounded_and_only_finished_records_are_committed
     for n in range(RECORDS):
         producer.produce(topic, str(n).encode())
     assert producer.flush(10) == 0
+    return topic, group, admin
+
+
+def _loop(
+    name: str, topic: str, group: str, handler: Callable[[Message], Awaitable[Sequence[Output]]]
+) -> ConsumerLoop:
+    settings = _Settings(kafka_bootstrap=BOOTSTRAP)
+    return ConsumerLoop(
+        name=name,
+        consumer_config=settings.consumer_config(group) | {"group.id": group},
+        topics=[topic],
+        handler=handler,
+        producer=AsyncProducer(settings.producer_config()),
+        health=Health(),
+        max_in_flight=MAX_IN_FLIGHT,
+        commit_interval_s=0.2,
+    )
+
+
+@pytest.mark.asyncio
+async def test_in_flight_work_is_bounded_and_only_finished_records_are_committed() -> None:
+    topic, group, admin = _topic_with_records()
 
     gate = asyncio.Event()
     running = 0
@@ -68,17 +90,7 @@ async def test_in_flight_work_is_bounded_and_only_finished_records_are_committed
         done.append(int(message.value() or b"-1"))
         return []
 
-    settings = _Settings(kafka_bootstrap=BOOTSTRAP)
-    loop = ConsumerLoop(
-        name="bounded",
-        consumer_config=settings.consumer_config(group) | {"group.id": group},
-        topics=[topic],
-        handler=handler,
-        producer=AsyncProducer(settings.producer_config()),
-        health=Health(),
-        max_in_flight=MAX_IN_FLIGHT,
-        commit_interval_s=0.2,
-    )
+    loop = _loop("bounded", topic, group, handler)
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))
     try:
@@ -115,14 +127,7 @@ async def test_in_flight_work_is_bounded_and_only_finished_records_are_committed
 @pytest.mark.asyncio
 async def test_a_loop_at_its_limit_whose_records_finish_never_pauses() -> None:
     """A pause throws librdkafka's prefetch away; records finishing keep the loop from it."""
-    topic = f"test-loop-{uuid.uuid4().hex[:8]}"
-    group = f"test-loop-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
-    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(20)
-    producer = Producer({"bootstrap.servers": BOOTSTRAP, "enable.idempotence": True})
-    for n in range(RECORDS):
-        producer.produce(topic, str(n).encode())
-    assert producer.flush(10) == 0
+    topic, group, admin = _topic_with_records()
     done: list[int] = []
     running = peak = 0
     paused_seen = False
@@ -138,17 +143,7 @@ async def test_a_loop_at_its_limit_whose_records_finish_never_pauses() -> None:
         done.append(int(message.value() or b"-1"))
         return []
 
-    settings = _Settings(kafka_bootstrap=BOOTSTRAP)
-    loop = ConsumerLoop(
-        name="steady",
-        consumer_config=settings.consumer_config(group) | {"group.id": group},
-        topics=[topic],
-        handler=handler,
-        producer=AsyncProducer(settings.producer_config()),
-        health=Health(),
-        max_in_flight=MAX_IN_FLIGHT,
-        commit_interval_s=0.2,
-    )
+    loop = _loop("steady", topic, group, handler)
     stop = asyncio.Event()
     task = asyncio.create_task(loop.run(stop))
     try:
