@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -28,7 +29,9 @@ MMAP_THRESHOLD_BYTES = 1 << 20
 TRIM_INTERVAL_S = 10.0
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (`find_library` runs `ldconfig`)."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
