@@ -38,6 +38,7 @@ def build_deliverer(settings: SenderSettings, controls: ControlView) -> tuple[De
             ehlo=pool.ehlo,
             source_addresses=tuple(pool.source_addresses),
             command_timeout_s=settings.smtp_timeout_s,
+            idle_timeout_s=settings.smtp_idle_timeout_s,
         ),
         # No more sessions are in use than batches in progress: keeping that many idle
         # means a smart host (one address for every destination) is never reconnected to.

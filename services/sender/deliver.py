@@ -44,6 +44,11 @@ from services.sender.steer import steer
 
 log = logging.getLogger(__name__)
 
+#: Reused sessions in a row, with nothing sent in between, that may turn out closed by the
+#: server (each costs a new connection, not a deferral); beyond that one counts as a failure
+#: of its MX host.
+MAX_STALE_SESSIONS = 3
+
 
 @dataclass(frozen=True)
 class DeliveryPolicy:
@@ -85,6 +90,8 @@ class _Attempt:
     #: Recipients not tried because the destination was paused or blocked meanwhile.
     untried: list[BatchRecipient] = field(default_factory=list)
     blocked_by: SmtpReply | None = None
+    #: Reused sessions found closed before a message went out (sent again on a new one).
+    stale_sessions: int = 0
 
 
 class Deliverer:
@@ -240,10 +247,11 @@ class Deliverer:
         shaping = destination.shaping
         pending = list(zip(batch.recipients, slots, strict=True))
         last = SmtpReply(code=451, enhanced="4.4.1", text="no MX host reachable")
-        index = failures = 0
+        index = failures = stale_run = 0
         async with destination.concurrency.slot():
             while pending and failures < len(candidates):
                 host, address = candidates[index % len(candidates)]
+                stale_before = attempt.stale_sessions
                 try:
                     async with self._smtp.session(
                         address, port, host.name, shaping.tls, shaping.max_messages_per_connection
@@ -261,6 +269,11 @@ class Deliverer:
                 pending = pending[done:]
                 if attempt.blocked_by is not None or attempt.untried:
                     break
+                if attempt.stale_sessions > stale_before:
+                    # The server had closed it: a new connection to the same host.
+                    stale_run = 0 if done else stale_run + 1
+                    if stale_run <= MAX_STALE_SESSIONS:
+                        continue
                 if done == 0:
                     failures += 1
                     index += 1
@@ -317,6 +330,9 @@ class Deliverer:
             )
             started = self._clock()
             result = await session.send(return_path, recipient.email, data)
+            if result.stale:
+                attempt.stale_sessions += 1
+                return done
             if self.ledger is not None:
                 await self.ledger.record(batch, [(recipient, result.reply)])
             metrics.SMTP_SECONDS.labels(*self._labels(batch)).observe(self._clock() - started)
@@ -367,6 +383,9 @@ class Deliverer:
         results = await session.send_many(
             f"bounces@{self._policy.bounce_domain}", [r.email for r in recipients], data
         )
+        if results[0].stale:
+            attempt.stale_sessions += 1
+            return 0
         if self.ledger is not None:
             replies = [(r, x.reply) for r, x in zip(recipients, results, strict=True)]
             await self.ledger.record(batch, replies)

@@ -12,6 +12,8 @@ class SenderSettings(ServiceSettings):
     #: The port MX hosts are reached on (25; tests point it at a loopback server).
     smtp_port: int = 25
     smtp_timeout_s: float = 300.0
+    #: An idle pooled SMTP session older than this is closed, not reused.
+    smtp_idle_timeout_s: float = Field(default=30.0, gt=0)
     #: Delays after the 1st, 2nd, … deferral; the last repeats until `max_age_s`.
     retry_schedule_s: list[float] = [60, 300, 900, 1800, 3600, 7200, 14400]
     max_age_s: float = 3 * 24 * 3600

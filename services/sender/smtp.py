@@ -19,6 +19,12 @@ TLS, per destination (`Shaping.tls`), as Postfix's `may` and `secure` levels:
   system's trust store, or `SSL_CERT_FILE`). Anything else is a deferral (451 4.7.x) before
   any envelope command: mail never goes in plaintext.
 - `disabled`: never STARTTLS.
+
+Idle sessions are reused for at most `idle_timeout_s` (30 s): servers close idle connections
+(RFC 5321 lets them after 5 minutes, many do sooner) and middleboxes drop them silently, and a
+command on a silently dead connection waits out its 5-minute timeout. A reused session found
+closed before the message went out (the server's close crossed our MAIL) is reported as
+`stale`: safe to send again at once on a new connection, since nothing was delivered.
 """
 
 import asyncio
@@ -27,6 +33,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -50,6 +57,7 @@ CONNECT_TIMEOUT_S = 30.0
 COMMAND_TIMEOUT_S = 300.0
 DATA_TIMEOUT_S = 600.0
 QUIT_TIMEOUT_S = 5.0
+IDLE_TIMEOUT_S = 30.0
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
@@ -105,6 +113,8 @@ class SmtpOptions:
     command_timeout_s: float = COMMAND_TIMEOUT_S
     data_timeout_s: float = DATA_TIMEOUT_S
     connect_timeout_s: float = CONNECT_TIMEOUT_S
+    #: An idle session older than this is closed, not reused.
+    idle_timeout_s: float = IDLE_TIMEOUT_S
     tls_context: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
@@ -124,6 +134,9 @@ class SendResult:
     #: The server may have the message although it did not say so (connection lost after
     #: the final dot, RFC 1047): a retry can deliver it twice.
     possible_duplicate: bool = False
+    #: A reused session's connection was found closed before the message went out: nothing
+    #: was delivered, and a new connection may send it at once (not a deferral).
+    stale: bool = False
 
 
 class SmtpSession:
@@ -142,6 +155,8 @@ class SmtpSession:
         #: Why TLS was given up for this session (opportunistic fallback), else None.
         self.tls_fallback: str | None = None
         self.sent = 0
+        #: When the session was last put back in the pool (monotonic seconds).
+        self.idle_since = time.monotonic()
 
     @property
     def alive(self) -> bool:
@@ -191,8 +206,10 @@ class SmtpSession:
         def every(result: SendResult) -> list[SendResult]:
             return [result] * len(rcpts)
 
+        reused = self.sent > 0
         if protocol is None or not client.is_connected:
-            return every(SendResult(_lost("connection lost before the transaction")))
+            lost = _lost("connection lost before the transaction")
+            return every(SendResult(lost, stale=reused))
         size_limit = _size_limit(client)
         if size_limit and len(data) > size_limit:
             text = f"message size {len(data)} exceeds the server's limit {size_limit}"
@@ -216,8 +233,11 @@ class SmtpSession:
             else:
                 replies = await self._one_by_one(commands)
         except (aiosmtplib.SMTPException, OSError) as exc:
+            # The body was not sent; on a reused session a closed connection (not a timeout)
+            # is the server's idle close crossing our MAIL.
             client.close()
-            return every(SendResult(_lost(f"connection lost: {exc}")))
+            stale = reused and not isinstance(exc, aiosmtplib.SMTPTimeoutError)
+            return every(SendResult(_lost(f"connection lost: {exc}"), stale=stale))
         mail_reply, rcpt_replies = replies[0], replies[1 : 1 + len(rcpts)]
         if mail_reply.code >= 400:
             await self._abort(replies)
@@ -354,6 +374,7 @@ class SmtpPool:
     ) -> AsyncIterator[SmtpSession]:
         """A session to `address:port`; raises ConnectFailed when none can be opened."""
         host = self._hosts[(address, port, tls)]
+        await self._close_expired(host)
         session = None
         while host.idle and session is None:
             candidate = host.idle.pop()
@@ -368,10 +389,18 @@ class SmtpPool:
             yield session
         finally:
             if session.alive and session.sent < max_messages and len(host.idle) < self._max_idle:
+                session.idle_since = time.monotonic()
                 host.idle.append(session)
             else:
                 host.open -= 1
                 await _quit(session.client)
+
+    async def _close_expired(self, host: _Host) -> None:
+        """QUIT the host's sessions idle longer than the idle timeout (oldest first)."""
+        cutoff = time.monotonic() - self._options.idle_timeout_s
+        while host.idle and host.idle[0].idle_since < cutoff:
+            host.open -= 1
+            await _quit(host.idle.pop(0).client)
 
     def _source_for(self, address: str) -> str | None:
         """The next source address (round robin) of `address`'s family."""

@@ -412,6 +412,27 @@ async def test_a_connection_carries_at_most_its_message_limit(
     assert server.stats.messages == 5 and server.stats.connections == 3
 
 
+async def test_a_reused_connection_the_server_closed_costs_a_new_one_not_a_deferral(
+    smtp_server_factory: SmtpServerFactory,
+) -> None:
+    # Every connection carries one message; the server then drops it at the next MAIL.
+    server = smtp_server_factory(hang_up_on_mail_after=1)
+    outputs = await deliverer(server.port).deliver(batch("stale.example", *"abcde"))
+    assert [e.type.value for e in events_of(outputs)] == ["delivered"] * 5
+    assert not retries_of(outputs)
+    assert server.stats.messages == 5 and server.stats.connections == 5
+
+
+async def test_a_fresh_connection_closed_at_mail_is_a_deferral(
+    smtp_server_factory: SmtpServerFactory,
+) -> None:
+    server = smtp_server_factory(hang_up_on_mail_after=0)
+    outputs = await deliverer(server.port).deliver(batch("closing.example"))
+    assert [e.type.value for e in events_of(outputs)] == ["deferred"]
+    assert len(retries_of(outputs)) == 1
+    assert server.stats.messages == 0 and server.stats.connections == 1
+
+
 async def test_a_destination_never_opens_more_than_its_connections(
     smtp_server_factory: SmtpServerFactory,
 ) -> None:

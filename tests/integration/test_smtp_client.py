@@ -5,9 +5,11 @@ plaintext), source-address rotation. No Kafka."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -249,6 +251,46 @@ async def test_no_source_address_of_the_servers_family_is_a_connect_failure() ->
 
 
 # -- RFC 5321 timeouts ---------------------------------------------------------------------
+
+
+async def test_an_idle_session_is_reused_only_within_the_idle_timeout(
+    smtp_server_factory: SmtpServerFactory,
+) -> None:
+    server = smtp_server_factory()
+    pool = SmtpPool(SmtpOptions(ehlo=EHLO, idle_timeout_s=0.5))
+
+    async def one(rcpt: str) -> None:
+        async with pool.session(server.host, server.port, MX, "disabled", 100) as session:
+            assert (await session.send("a@mailrail.test", rcpt, MESSAGE)).reply.code == 250
+
+    await one("b@idle.test")
+    await one("c@idle.test")  # at once: the same connection
+    assert server.stats.connections == 1
+    await asyncio.sleep(0.8)
+    await one("d@idle.test")  # idle too long: QUIT, and a new connection
+    assert server.stats.connections == 2 and pool.open_connections == 1
+    deadline = time.monotonic() + 10
+    while server.stats.open_connections > 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert server.stats.open_connections == 1
+    await pool.close()
+
+
+async def test_a_reused_session_closed_by_the_server_is_stale_a_fresh_one_is_not(
+    smtp_server_factory: SmtpServerFactory,
+) -> None:
+    server = smtp_server_factory(hang_up_on_mail_after=1)
+    pool = SmtpPool(SmtpOptions(ehlo=EHLO))
+    async with pool.session(server.host, server.port, MX, "disabled", 100) as session:
+        first = await session.send("a@mailrail.test", "b@stale.test", MESSAGE)
+        second = await session.send("a@mailrail.test", "c@stale.test", MESSAGE)
+    assert first.reply.code == 250 and not first.stale
+    assert second.reply.code == 451 and second.stale and not second.possible_duplicate
+    server.set_script(dataclasses.replace(server.script, hang_up_on_mail_after=0))
+    async with pool.session(server.host, server.port, MX, "disabled", 100) as session:
+        fresh = await session.send("a@mailrail.test", "d@stale.test", MESSAGE)
+    assert fresh.reply.code == 451 and not fresh.stale
+    assert [m.rcpt_tos for m in server.messages] == [["b@stale.test"]]
 
 
 async def test_the_greeting_is_read_with_the_command_timeout_not_the_connect_timeout(

@@ -138,6 +138,9 @@ class SmtpScript:
     """Connections beyond this many open at once are greeted with 421 and closed."""
     max_messages_per_connection: int | None = None
     """The MAIL FROM after this many accepted messages on a connection gets 421."""
+    hang_up_on_mail_after: int | None = None
+    """The MAIL FROM after this many accepted messages on a connection: close without a
+    reply (a server timing an idle connection out just as the client reuses it)."""
 
     def rcpt_reply(self, address: str) -> str:
         """The reply this script gives to ``RCPT TO:<address>``."""
@@ -283,6 +286,9 @@ class _State:
         limit = script.max_messages_per_connection
         if limit is not None and server.messages_on_connection >= limit:
             return TOO_MANY_MESSAGES_REPLY
+        hang_up = script.hang_up_on_mail_after
+        if hang_up is not None and server.messages_on_connection >= hang_up:
+            await server.hang_up()
         if script.mail_reply is not None and not _is_positive(script.mail_reply):
             return script.mail_reply
         envelope.mail_from = address
