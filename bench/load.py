@@ -42,6 +42,8 @@ TEXT_BYTES = 4800
 HTTP_RETRIES = 3
 HTTP_TIMEOUT_S = 30.0
 HTTP_CONNECTIONS = 64
+#: How long the end of a phase waits for the delivery reports of its last `mail.submit` records.
+PRODUCE_ACK_TIMEOUT_S = 30.0
 #: Open loop: past this many HTTP requests awaiting an answer, the generator is overloaded.
 MAX_OUTSTANDING_HTTP = 512
 #: Closed loop: most HTTP requests in flight at once.
@@ -156,6 +158,11 @@ class Submitter:
         while not self._closed.is_set():
             self._producer.poll(0.05)
 
+    def acknowledged(self, timeout_s: float = PRODUCE_ACK_TIMEOUT_S) -> None:
+        """Block until every record produced so far has its delivery report, so that
+        `accepted_recipients` counts them all (a phase judged before would miss the last)."""
+        self._producer.flush(timeout_s)
+
     def close(self) -> None:
         self._producer.flush(30)
         self._closed.set()
@@ -264,6 +271,7 @@ async def closed_loop(
         await asyncio.wait_for(
             asyncio.gather(*feeders), timeout=max(1.0, deadline - time.monotonic() + 60)
         )
+    await asyncio.to_thread(submitter.acknowledged)
 
 
 async def open_loop(
@@ -297,3 +305,4 @@ async def open_loop(
         load.last_submit_t = time.time()
         if tasks:
             await asyncio.wait(tasks, timeout=HTTP_TIMEOUT_S * HTTP_RETRIES)
+    await asyncio.to_thread(submitter.acknowledged)
