@@ -6,7 +6,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,16 +31,7 @@ TARGETS = {
 }
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
-        ).stdout.strip()
-    except OSError:
-        return ""
-
-
-def meta(options: Options, started: datetime, kind: str) -> dict[str, Any]:
+def meta(options: Options, started: datetime, kind: str, source: dict[str, Any]) -> dict[str, Any]:
     cpu_model = ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -51,10 +41,7 @@ def meta(options: Options, started: datetime, kind: str) -> dict[str, Any]:
         "kind": kind,
         "started_at": started.isoformat(),
         "duration_s": round((datetime.now(UTC) - started).total_seconds(), 1),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "uncommitted_in_services_schemas": _git(
-            "status", "--porcelain", "--", "services", "schemas"
-        ).splitlines(),
+        **source,
         "machine": {
             "cores": os.cpu_count(),
             "cpu": cpu_model,
@@ -147,7 +134,9 @@ def summarise(data: RunData, options: Options, started: datetime) -> dict[str, A
         for name, (op, limit) in TARGETS.items()
         if name in measured
     }
-    return top | r | {"meta": meta(options, started, "soak" if "soak" in r else "bench")}
+    return (
+        top | r | {"meta": meta(options, started, "soak" if "soak" in r else "bench", data.source)}
+    )
 
 
 def clean(value: Any) -> Any:

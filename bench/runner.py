@@ -31,7 +31,7 @@ from bench.postfix import PostfixInstance, SmtpSink, ensure_installed, smtp_sour
 from bench.procs import Registry
 from bench.profile import Profiler
 from bench.sampler import Sampler
-from bench.stack import RULES, Sink, Stack, log_summary, snapshot_source
+from bench.stack import RULES, Sink, Stack, log_summary, snapshot_source, source_state
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class RunData:
     phases: list[Phase] = field(default_factory=list)
     latencies: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     samples: list[Any] = field(default_factory=list)
+    #: `stack.source_state()` as the code was snapshotted.
+    source: dict[str, Any] = field(default_factory=dict)
 
 
 class Bench:
@@ -94,6 +96,7 @@ class Bench:
         shutil.rmtree(RUN_DIR / "logs", ignore_errors=True)
         (RUN_DIR / "logs").mkdir(parents=True)
         self.src = snapshot_source(RUN_DIR)
+        source = source_state()
         self.broker = PrivateBroker(RUN_DIR, self.registry)
         self.sink = Sink(RUN_DIR, self.registry, self.src)
         self.sampler = Sampler(self.sink.stats_file)
@@ -103,7 +106,7 @@ class Bench:
         self.profiler = Profiler(RUN_DIR / "profiles", self.registry)
         self.postfix: PostfixInstance | None = None
         self.smtp_sink: SmtpSink | None = None
-        self.data = RunData()
+        self.data = RunData(source=source)
         self._phase_number = 0
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
@@ -43,6 +44,26 @@ SNAPSHOT = (
     "deploy/local/sink.py",
     "deploy/local/stack.py",
 )
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
+def source_state() -> dict[str, Any]:
+    """The commit the code comes from and what was uncommitted in it; taken with the
+    snapshot, since the tree may move on while the bench runs."""
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "uncommitted_in_services_schemas": _git(
+            "status", "--porcelain", "--", "services", "schemas"
+        ).splitlines(),
+    }
 
 
 def snapshot_source(run_dir: Path) -> Path:
