@@ -5,9 +5,9 @@ between a remote 250 and that commit leaves the record to be read again — by i
 by another member of the pool — and the recipients it had delivered would be sent twice.
 So, right after each 2xx, the sender writes `pool/message id/recipient index` to `mail.ledger`;
 every sender reads the newest `max_entries` of those records back at start (before it takes
-work) and then follows the topic, into a table of digests of fixed size (`digests.py`). A
-batch's recipients found there are not sent again: their `delivered` event is written again,
-marked as coming from the ledger.
+work) and then follows the topic, into a table of digests of fixed size (`digests.py`); its
+own writes go into the table at once. A batch's recipients found there are not sent again:
+their `delivered` event is written again, marked as coming from the ledger.
 
 Ordering: ledger writes go out at once (their own producer, no linger) but are not awaited
 one by one (the next recipient goes out meanwhile); a batch's outputs, and so its commit,
@@ -196,6 +196,10 @@ class DeliveryLedger:
                 self._hook.crash(key, self._unacked())
             if not self.settings.ledger:
                 continue
+            # This process knows at once; the topic tells the others (and a restart). A copy
+            # of the batch can come back here sooner than the write is read back: a batch held
+            # to a delay topic whose record is read again after a restart.
+            self._keys.add(key)
             entry = LedgerEntry(message_id=batch.message_id, index=recipient.index, pool=self._pool)
             future = self._producer.send(
                 self._topic, entry.model_dump_json().encode(), key.encode()
