@@ -129,11 +129,14 @@ class Deliverer:
         """Deliver the batch, minus recipients the delivery ledger knows were delivered."""
         if self.ledger is None:
             return await self._deliver(batch)
-        known, rest = self.ledger.split(batch)
+        known, rest = await self.ledger.claim(batch)
         outputs = self._records(batch, [Outcome(r, LEDGER_REPLY, None) for r in known])
         if rest is not None:
-            outputs += await self._deliver(rest)
-            await self.ledger.settle(rest)
+            try:
+                outputs += await self._deliver(rest)
+                await self.ledger.settle(rest)
+            finally:
+                self.ledger.release(rest)
         return outputs
 
     async def _deliver(self, batch: DeliveryBatch) -> list[Output]:

@@ -7,7 +7,9 @@ So, right after each 2xx, the sender writes `pool/message id/recipient index` to
 every sender reads the newest `max_entries` of those records back at start (before it takes
 work) and then follows the topic, into a table of digests of fixed size (`digests.py`); its
 own writes go into the table at once. A batch's recipients found there are not sent again:
-their `delivered` event is written again, marked as coming from the ledger.
+their `delivered` event is written again, marked as coming from the ledger. Two copies of a
+batch can meet in one sender (one held to a delay topic, its record read again after a
+restart): a copy of recipients being sent waits for that send to end (`claim`, `release`).
 
 Ordering: ledger writes go out at once (their own producer, no linger) but are not awaited
 one by one (the next recipient goes out meanwhile); a batch's outputs, and so its commit,
@@ -16,7 +18,8 @@ again by another member only after this one's session expired, long after its ac
 ledger writes reached every follower; a restarted member loads them before it consumes.
 
 What is left, and measured (chaos scenario 4): a crash between a 250 and the acknowledgement
-of its ledger write sends that recipient again. A ledger write that fails is logged and
+of its ledger write sends that recipient again; so do two copies sent at the same moment by
+two members. A ledger write that fails is logged and
 counted, never fatal: the mail was delivered, failing the batch would send it again.
 
 `MAILRAIL_TEST_CRASH_AFTER_250` is a test hook (chaos scenario 4): `N` (an integer) ends the
@@ -128,6 +131,8 @@ class DeliveryLedger:
         self._keys = DigestRing(self.settings.ledger_max_entries)
         self._prefix = f"{pool}/"
         self._pending: dict[str, asyncio.Future[Any]] = {}
+        #: Recipients this process is sending now, each to the event set when that ends.
+        self._sending: dict[str, asyncio.Event] = {}
         hook = self.settings.test_crash_after_250
         self._hook = _CrashHook(hook, self.settings.test_crash_point) if hook else None
         self._view = Follower(
@@ -160,10 +165,38 @@ class DeliveryLedger:
 
     # -- the sender's calls -----------------------------------------------------------------
 
-    def split(self, batch: DeliveryBatch) -> tuple[list[BatchRecipient], DeliveryBatch | None]:
-        """(recipients already delivered, the batch of the others or None if none is left)."""
+    async def claim(
+        self, batch: DeliveryBatch
+    ) -> tuple[list[BatchRecipient], DeliveryBatch | None]:
+        """(recipients already delivered, the batch of the others or None if none is left).
+
+        A copy of recipients this process is sending right now waits for that send to end
+        first, then is checked against the ledger; the others are claimed until `release`.
+        """
         if not self.settings.ledger:
             return [], batch
+        while busy := {
+            event
+            for r in batch.recipients
+            if (event := self._sending.get(ledger_key(self._pool, batch.message_id, r.index)))
+        }:
+            for event in busy:
+                await event.wait()
+        known, rest = self._split(batch)
+        if rest is not None:
+            claimed = asyncio.Event()
+            for r in rest.recipients:
+                self._sending[ledger_key(self._pool, rest.message_id, r.index)] = claimed
+        return known, rest
+
+    def release(self, batch: DeliveryBatch) -> None:
+        """End the claim of `claim`'s batch (delivered, deferred, held or failed)."""
+        for r in batch.recipients:
+            event = self._sending.pop(ledger_key(self._pool, batch.message_id, r.index), None)
+            if event is not None:
+                event.set()
+
+    def _split(self, batch: DeliveryBatch) -> tuple[list[BatchRecipient], DeliveryBatch | None]:
         known = [
             r
             for r in batch.recipients

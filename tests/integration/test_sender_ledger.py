@@ -3,6 +3,7 @@ delivered is never sent again by it, even before its write is read back from the
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from services.sender.ledger import LEDGER_REPLY, DeliveryLedger
@@ -35,3 +36,40 @@ async def test_a_copy_of_a_batch_this_sender_delivered_is_not_sent_again(
     assert [e.type.value for e in events] == ["delivered", "delivered"]
     assert all(e.smtp == LEDGER_REPLY for e in events)
     assert server.stats.messages == 2
+
+
+async def test_two_copies_at_once_in_one_sender_are_sent_once(
+    kafka: object, smtp_server_factory: SmtpServerFactory
+) -> None:
+    server = smtp_server_factory(reply_delay_s=0.05)
+    ledger = DeliveryLedger(KAFKA, PRODUCER, "default", topic=topic("mail.ledger"))
+    sender = deliverer(server.port)
+    sender.ledger = ledger
+    original = batch("ledger.example", "a", "b").model_copy(update={"message_id": uuid.uuid4().hex})
+    try:
+        first, second = await asyncio.gather(
+            sender.deliver(original), sender.deliver(original.model_copy())
+        )
+    finally:
+        ledger.stop()
+    replies = [e.smtp for e in events_of(first) + events_of(second)]
+    assert len(replies) == 4 and replies.count(LEDGER_REPLY) == 2
+    assert server.stats.messages == 2
+
+
+async def test_a_copy_is_sent_when_the_first_send_was_deferred(
+    kafka: object, smtp_server_factory: SmtpServerFactory
+) -> None:
+    server = smtp_server_factory(data_reply="451 4.3.0 try again", reply_delay_s=0.05)
+    ledger = DeliveryLedger(KAFKA, PRODUCER, "default", topic=topic("mail.ledger"))
+    sender = deliverer(server.port)
+    sender.ledger = ledger
+    original = batch("ledger.example", "a").model_copy(update={"message_id": uuid.uuid4().hex})
+    try:
+        first, second = await asyncio.gather(
+            sender.deliver(original), sender.deliver(original.model_copy())
+        )
+    finally:
+        ledger.stop()
+    assert [e.type.value for e in events_of(first) + events_of(second)] == ["deferred"] * 2
+    assert server.stats.data_rejected == 2
