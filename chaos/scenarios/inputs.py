@@ -436,8 +436,11 @@ def _check_keys_and_tenants(verdict: Verdict, stack: ChaosStack, sink: RunningSm
         own == 200 and all(c in (403, 404) for c in seen.values()) and not listed and still == 200,
         f"own message {own}; other tenant: {seen}, listed {listed}; still suppressed {still}",
     )
-    if seen["their message"] == 403:
-        verdict.note("another tenant's message id answers 403, not 404: it confirms the id exists")
+    verdict.check(
+        "another tenant's message answers like a missing one (404, not confirming the id)",
+        seen["their message"] == 404,
+        f"answered {seen['their message']}",
+    )
 
 
 SCENARIOS = [

@@ -40,7 +40,10 @@ _POST_ERRORS: dict[int | str, dict[str, Any]] = {
     }
 }
 _GET_ERRORS: dict[int | str, dict[str, Any]] = {
-    403: {"model": ErrorResponse, "description": "the message belongs to another tenant"}
+    404: {
+        "model": ErrorResponse,
+        "description": "no such message; also another tenant's (its existence is not confirmed)",
+    }
 }
 
 
@@ -165,12 +168,10 @@ def create_app(deps: IngestDeps) -> FastAPI:
                 headers={"Retry-After": str(deps.retry_after_s)},
             )
         found = deps.status.get(message_id)
-        if found is None:
+        # Another tenant's message answers like a missing one: a 403 would confirm the id.
+        if found is None or found[0] != tenant:
             raise ApiError(404, "not_found", f"no message {message_id}")
-        owner, status = found
-        if owner != tenant:
-            raise ApiError(403, "forbidden", "this message belongs to another tenant")
-        return status
+        return found[1]
 
     suppressions = suppression_routes(
         deps.keys,
