@@ -54,6 +54,8 @@ class EventReader:
         self.events: list[DeliveryEvent] = []
         self.unparsable = 0
         self.raw: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
+        #: (partition, offset) of each record of `raw`.
+        self.positions: list[tuple[int, int]] = []
 
     def poll(self, budget_s: float = POLL_S) -> int:
         """Read everything written before this call (up to `budget_s`); returns how many
@@ -100,6 +102,7 @@ class EventReader:
                 raw_headers: list[tuple[str, bytes | None]] = message.headers() or []  # type: ignore[assignment]
                 headers = [(k, v or b"") for k, v in raw_headers]
                 self.raw.append((message.key(), value, headers))
+                self.positions.append((partition, int(message.offset() or 0)))
                 try:
                     self.events.append(DeliveryEvent.model_validate_json(value or b""))
                 except ValidationError:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import defaultdict
 
 from chaos.cluster import KafkaCluster
 from chaos.load import BackgroundLoad
@@ -80,13 +80,18 @@ def broker_outage(full: bool) -> Verdict:
     return verdict
 
 
-def _byte_duplicates(stack: ChaosStack, name: str) -> tuple[int, int]:
-    """(records, records whose key and value are byte-identical to an earlier one)."""
+def _byte_duplicates(stack: ChaosStack, name: str) -> tuple[int, int, str]:
+    """(records, records whose key and value are byte-identical to an earlier one at another
+    offset, where the twins are: `partition@offset` of each pair, first ten)."""
     reader = EventReader(stack.bootstrap, stack.topic(name))
     try:
         reader.catch_up()
-        seen = Counter((key, value) for key, value, _ in reader.raw)
-        return len(reader.raw), sum(n - 1 for n in seen.values() if n > 1)
+        where: dict[tuple[bytes | None, bytes | None], set[tuple[int, int]]] = defaultdict(set)
+        for (key, value, _), position in zip(reader.raw, reader.positions, strict=True):
+            where[(key, value)].add(position)
+        twins = [sorted(p) for p in where.values() if len(p) > 1]
+        shown = " ".join("/".join(f"{p}@{o}" for p, o in pair) for pair in twins[:10])
+        return len(set(reader.positions)), sum(len(p) - 1 for p in twins), shown
     finally:
         reader.close()
 
@@ -129,14 +134,13 @@ def leader_kills(full: bool) -> Verdict:
             )
             duplicates = {}
             for name in ("mail.accepted", "mail.outbound.default", "mail.events", "mail.ledger"):
-                total, twins = _byte_duplicates(stack, name)
-                duplicates[name] = (total, twins)
+                duplicates[name] = _byte_duplicates(stack, name)
             verdict.check(
                 "0 duplicate records on the internal topics",
-                all(twins == 0 for _, twins in duplicates.values()),
+                all(twins == 0 for _, twins, _ in duplicates.values()),
                 "; ".join(
-                    f"{n}: {t} records, {d} byte-identical twins"
-                    for n, (t, d) in duplicates.items()
+                    f"{n}: {t} records, {d} byte-identical twins" + (f" ({at})" if at else "")
+                    for n, (t, d, at) in duplicates.items()
                 ),
             )
             verdict.check(
