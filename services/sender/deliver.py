@@ -90,8 +90,8 @@ class _Attempt:
     #: Recipients not tried because the destination was paused or blocked meanwhile.
     untried: list[BatchRecipient] = field(default_factory=list)
     blocked_by: SmtpReply | None = None
-    #: Reused sessions found closed before a message went out (sent again on a new one).
-    stale_sessions: int = 0
+    #: The session in use was found closed before a message went out (sent again on a new one).
+    stale: bool = False
 
 
 class Deliverer:
@@ -254,7 +254,7 @@ class Deliverer:
         async with destination.concurrency.slot():
             while pending and failures < len(candidates):
                 host, address = candidates[index % len(candidates)]
-                stale_before = attempt.stale_sessions
+                attempt.stale = False
                 try:
                     async with self._smtp.session(
                         address, port, host.name, shaping.tls, shaping.max_messages_per_connection
@@ -272,7 +272,7 @@ class Deliverer:
                 pending = pending[done:]
                 if attempt.blocked_by is not None or attempt.untried:
                     break
-                if attempt.stale_sessions > stale_before:
+                if attempt.stale:
                     # The server had closed it: a new connection to the same host.
                     stale_run = 0 if done else stale_run + 1
                     if stale_run <= MAX_STALE_SESSIONS:
@@ -334,7 +334,7 @@ class Deliverer:
             started = self._clock()
             result = await session.send(return_path, recipient.email, data)
             if result.stale:
-                attempt.stale_sessions += 1
+                attempt.stale = True
                 return done
             if self.ledger is not None:
                 await self.ledger.record(batch, [(recipient, result.reply)])
@@ -387,7 +387,7 @@ class Deliverer:
             f"bounces@{self._policy.bounce_domain}", [r.email for r in recipients], data
         )
         if results[0].stale:
-            attempt.stale_sessions += 1
+            attempt.stale = True
             return 0
         if self.ledger is not None:
             replies = [(r, x.reply) for r, x in zip(recipients, results, strict=True)]

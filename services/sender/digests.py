@@ -61,13 +61,16 @@ class DigestRing:
     def add(self, key: str) -> None:
         high, low = _digest(key)
         with self._lock:
-            if self._find(high, low) >= 0:
+            index = self._probe(high, low)
+            if self._slots[index] != 0:
                 return
             if self._count == self._limit:
                 self._remove(self._ring_slots[self._next], self._ring_checks[self._next])
+                index = self._probe(high, low)  # the eviction may have moved the run
             else:
                 self._count += 1
-            self._insert(high, low)
+            self._slots[index] = high
+            self._checks[index] = low
             self._ring_slots[self._next] = high
             self._ring_checks[self._next] = low
             self._next = (self._next + 1) % self._limit
@@ -77,36 +80,29 @@ class DigestRing:
             return False
         high, low = _digest(key)
         with self._lock:
-            return self._find(high, low) >= 0
+            return self._slots[self._probe(high, low)] != 0
 
     def __len__(self) -> int:
         return self._count
 
     # -- the table (callers hold the lock) ------------------------------------------------------
 
-    def _find(self, high: int, low: int) -> int:
+    def _probe(self, high: int, low: int) -> int:
+        """The key's slot, or else the free slot that ends its probe run."""
         slots, mask = self._slots, self._mask
         i = high & mask
         while (value := slots[i]) != 0:
             if value == high and self._checks[i] == low:
                 return i
             i = (i + 1) & mask
-        return -1
-
-    def _insert(self, high: int, low: int) -> None:
-        slots, mask = self._slots, self._mask
-        i = high & mask
-        while slots[i] != 0:
-            i = (i + 1) & mask
-        slots[i] = high
-        self._checks[i] = low
+        return i
 
     def _remove(self, high: int, low: int) -> None:
         """Free the key's slot, then move back every later key of its run that may fill it."""
-        hole = self._find(high, low)
-        if hole < 0:
-            return
         slots, checks, mask = self._slots, self._checks, self._mask
+        hole = self._probe(high, low)
+        if slots[hole] == 0:
+            return
         i = hole
         while True:
             i = (i + 1) & mask

@@ -175,33 +175,19 @@ class DeliveryLedger:
         """
         if not self.settings.ledger:
             return [], batch
-        while busy := {
-            event
-            for r in batch.recipients
-            if (event := self._sending.get(ledger_key(self._pool, batch.message_id, r.index)))
-        }:
+        keys = [ledger_key(self._pool, batch.message_id, r.index) for r in batch.recipients]
+        while busy := {event for key in keys if (event := self._sending.get(key)) is not None}:
             for event in busy:
                 await event.wait()
-        known, rest = self._split(batch)
-        if rest is not None:
-            claimed = asyncio.Event()
-            for r in rest.recipients:
-                self._sending[ledger_key(self._pool, rest.message_id, r.index)] = claimed
-        return known, rest
-
-    def release(self, batch: DeliveryBatch) -> None:
-        """End the claim of `claim`'s batch (delivered, deferred, held or failed)."""
-        for r in batch.recipients:
-            event = self._sending.pop(ledger_key(self._pool, batch.message_id, r.index), None)
-            if event is not None:
-                event.set()
-
-    def _split(self, batch: DeliveryBatch) -> tuple[list[BatchRecipient], DeliveryBatch | None]:
-        known = [
-            r
-            for r in batch.recipients
-            if ledger_key(self._pool, batch.message_id, r.index) in self._keys
-        ]
+        known: list[BatchRecipient] = []
+        rest: list[BatchRecipient] = []
+        claimed = asyncio.Event()
+        for recipient, key in zip(batch.recipients, keys, strict=True):
+            if key in self._keys:
+                known.append(recipient)
+            else:
+                rest.append(recipient)
+                self._sending[key] = claimed
         if not known:
             return [], batch
         HITS.labels(self._pool).inc(len(known))
@@ -209,8 +195,14 @@ class DeliveryLedger:
             "recipients already delivered (ledger): not sent again",
             extra={"message_id": batch.message_id, "recipients": len(known)},
         )
-        rest = [r for r in batch.recipients if r not in known]
         return known, (batch.model_copy(update={"recipients": rest}) if rest else None)
+
+    def release(self, batch: DeliveryBatch) -> None:
+        """End the claim of `claim`'s batch (delivered, deferred, held or failed)."""
+        for r in batch.recipients:
+            event = self._sending.pop(ledger_key(self._pool, batch.message_id, r.index), None)
+            if event is not None:
+                event.set()
 
     async def record(
         self, batch: DeliveryBatch, results: Sequence[tuple[BatchRecipient, SmtpReply]]
