@@ -20,9 +20,9 @@ from services.runtime.consume import start_at_end
 from services.runtime.health import Health
 from services.runtime.http import serve_http
 from services.runtime.loop import ConsumerLoop
-from services.runtime.producer import AsyncProducer
 from services.runtime.service import consumer_loop, run_service, run_until_stopped
 from services.runtime.suppression import SuppressionView
+from services.runtime.transactional import TransactionalProducer
 
 HEARTBEAT_S = 1.0
 LINGER_MS = 1
@@ -57,13 +57,12 @@ async def main(settings: IngestSettings, stop: asyncio.Event) -> None:
     webhooks = load_webhooks(settings.webhooks_file, settings.webhooks)
     health = Health()
     suppressions = SuppressionView(settings.kafka_common())
-    producer = AsyncProducer(
-        settings.producer_config()
-        | {
-            "delivery.timeout.ms": int(settings.produce_timeout_s * 1000),
-            # Every request waits for its acknowledgement: batch for 1 ms, not the default 5.
-            "linger.ms": LINGER_MS,
-        }
+    producer = TransactionalProducer(
+        # Every request waits for its commit: batch for 1 ms, not the default 5.
+        settings.producer_config() | {"linger.ms": LINGER_MS},
+        settings.producer_transactional_id(),
+        admission_s=settings.produce_timeout_s,
+        transaction_timeout_s=settings.transaction_timeout_s,
     )
     idempotency = IdempotencyGuard(
         settings.kafka_common(),

@@ -45,7 +45,7 @@ from schemas.catalogue import IDEMPOTENCY, IDEMPOTENCY_WINDOW
 from schemas.records import IdempotencyRecord, IdempotencyState, idempotency_key
 from services.runtime.codec import encode
 from services.runtime.follow import Follower
-from services.runtime.producer import AsyncProducer
+from services.runtime.producer import RecordProducer
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class IdempotencyGuard:
     def __init__(
         self,
         kafka_config: dict[str, Any],
-        producer: AsyncProducer,
+        producer: RecordProducer,
         *,
         lease_s: float,
         max_keys: int,

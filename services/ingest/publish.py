@@ -23,7 +23,7 @@ from services.ingest.idempotency import (
     body_digest,
 )
 from services.runtime.codec import accepted_output
-from services.runtime.producer import AsyncProducer, DeliveryFailed
+from services.runtime.producer import DeliveryFailed, RecordProducer
 from services.runtime.suppression import SuppressionView
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Published:
 class Publisher:
     rules: Rules
     suppressions: SuppressionView
-    producer: AsyncProducer
+    producer: RecordProducer
     idempotency: IdempotencyGuard
     timeout_s: float
 
@@ -70,7 +70,7 @@ class Publisher:
         accepted = accept(
             request, tenant, self.rules, self.suppressions.is_suppressed, idempotency_key
         )
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.producer.settle_s
         claim: Claimed | None = None
         if idempotency_key is not None:
             try:
@@ -79,7 +79,7 @@ class Publisher:
                     idempotency_key,
                     body_digest(request),
                     self.timeout_s if wait_s is None else wait_s,
-                    self.timeout_s,
+                    self.producer.settle_s,
                 )
             except ClaimFailed as exc:
                 raise Unavailable(str(exc)) from None
@@ -93,15 +93,17 @@ class Publisher:
                 raise KeyInProgress(decision.retry_after_s)
             claim = decision
             accepted = accepted.model_copy(update={"id": claim.message_id})
-            deadline = time.monotonic() + self.timeout_s
+            deadline = time.monotonic() + self.producer.settle_s
         outputs = [accepted_output(accepted), *accepted_events(accepted)]
+        # The producer settles every send itself (stored, or failed and not stored) within
+        # its `settle_s`; waiting less could answer 503 for a message stored a moment later.
+        records = [(o.topic, o.value, o.key, o.headers) for o in outputs]
         try:
             async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                await self.producer.send_all(
-                    [(o.topic, o.value, o.key, o.headers) for o in outputs]
-                )
+                await self.producer.send_all(records)
         except (TimeoutError, DeliveryFailed) as exc:
-            if claim is not None:
+            stored_maybe = not isinstance(exc, DeliveryFailed) or exc.uncertain
+            if claim is not None and not stored_maybe:
                 await self.idempotency.release(claim, self.timeout_s)
             raise Unavailable(str(exc) or "timed out") from None
         if claim is not None:

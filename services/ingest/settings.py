@@ -1,9 +1,11 @@
+import socket
 from pathlib import Path
 from typing import Literal
 
 from pydantic import SecretStr
 
-from services.runtime.settings import ServiceSettings
+from schemas.catalogue import TOPIC_PREFIX
+from services.runtime.settings import ServiceSettings, split_host_port
 
 
 class IngestSettings(ServiceSettings):
@@ -15,8 +17,13 @@ class IngestSettings(ServiceSettings):
     #: The HMAC key of `hmac-sha256` lines: kept in another Secret than the keys file.
     api_key_pepper: SecretStr | None = None
     max_message_bytes: int = 10 * 1024 * 1024
-    #: How long a request waits for Kafka's acknowledgement before answering 503.
+    #: How long a request's records may wait to join a transaction before it answers 503.
     produce_timeout_s: float = 5.0
+    #: How long one transaction may take to commit before Kafka aborts it.
+    transaction_timeout_s: float = 10.0
+    #: Stable per replica, unique in the cluster (unset: `ingest-<host>-<HTTP port>`), so a
+    #: restarted replica aborts what its predecessor left open instead of waiting it out.
+    transactional_id: str | None = None
     retry_after_s: int = 5
     group_id: str = "mailrail-ingest"
     #: Whether this replica also consumes `mail.submit` (HTTP-only replicas say false).
@@ -50,3 +57,11 @@ class IngestSettings(ServiceSettings):
 
     def service_name(self) -> str:
         return "ingest"
+
+    def producer_transactional_id(self) -> str:
+        """`MAILRAIL_TRANSACTIONAL_ID`, else one per host and HTTP port: the same for a
+        replica's restarts (a pod keeps its name), never two live replicas at once."""
+        if self.transactional_id:
+            return self.transactional_id
+        _, port = split_host_port(self.http_addr, 8080)
+        return f"{TOPIC_PREFIX}ingest-{socket.gethostname()}-{port}"

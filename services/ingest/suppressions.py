@@ -15,7 +15,7 @@ from services.ingest.auth import ApiKeys, tenant_of
 from services.ingest.errors import ERROR_RESPONSES, ApiError, unavailable
 from services.runtime.codec import suppression_output, suppression_removal
 from services.runtime.loop import Output
-from services.runtime.producer import AsyncProducer, DeliveryFailed
+from services.runtime.producer import DeliveryFailed, RecordProducer
 from services.runtime.suppression import SuppressionView
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def suppression_routes(
     keys: ApiKeys,
     view: SuppressionView,
-    producer: AsyncProducer,
+    producer: RecordProducer,
     timeout_s: float,
     retry_after_s: int,
 ) -> list[BaseRoute]:

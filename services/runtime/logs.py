@@ -27,7 +27,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
+def configure_logging(
+    service: str, level: str = "INFO", fmt: str = "json", kafka_debug: bool = False
+) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter(service))
@@ -38,3 +40,6 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> N
     root.setLevel(level.upper())
     for noisy in ("uvicorn.access", "mail.log"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if kafka_debug:
+        # librdkafka's `debug` output arrives at DEBUG: asked for, so shown at any level.
+        logging.getLogger("librdkafka").setLevel(logging.DEBUG)

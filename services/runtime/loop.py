@@ -33,7 +33,7 @@ from schemas.records import RejectedHeaders
 from services.runtime import lag, metrics, tracing
 from services.runtime.consume import take
 from services.runtime.health import Health
-from services.runtime.producer import AsyncProducer, DeliveryFailed, Headers
+from services.runtime.producer import DeliveryFailed, Headers, RecordProducer
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class ConsumerLoop:
         consumer_config: dict[str, Any],
         topics: Sequence[str],
         handler: Handler,
-        producer: AsyncProducer,
+        producer: RecordProducer,
         health: Health,
         max_in_flight: int = 2000,
         commit_interval_s: float = 1.0,

@@ -8,8 +8,8 @@ Every record carries the current trace context in its headers (`tracing.with_tra
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -18,16 +18,66 @@ from services.runtime.tracing import with_trace_headers
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.05
+DEFAULT_DELIVERY_TIMEOUT_MS = 300_000  # librdkafka's
 Headers = Sequence[tuple[str, bytes]]
 
 
 class DeliveryFailed(Exception):
     """The broker did not acknowledge a record (retryable unless `fatal`)."""
 
-    def __init__(self, error: KafkaError) -> None:
+    def __init__(self, error: KafkaError, uncertain: bool = False) -> None:
         super().__init__(str(error))
         self.error = error
         self.fatal = error.fatal()
+        #: The record may have been stored all the same (its outcome never arrived).
+        self.uncertain = uncertain
+
+
+Record = tuple[str, bytes | None, bytes | str | None, Headers | None]
+
+
+class RecordProducer(Protocol):
+    """What services write through: `AsyncProducer`, or `TransactionalProducer` (ingest)."""
+
+    #: The longest a send can take to settle (acknowledged, or failed).
+    settle_s: float
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | str | None = None,
+        headers: Headers | None = None,
+    ) -> "asyncio.Future[Message]": ...
+
+    async def send_all(self, records: Sequence[Record]) -> None: ...
+
+    def flush(self, timeout_s: float) -> int: ...
+
+    def close(self, timeout_s: float = 10.0) -> None: ...
+
+
+def produce_waiting(
+    producer: Producer,
+    record: Record,
+    on_delivery: Callable[[KafkaError | None, Message], None],
+) -> None:
+    """`produce()` with the current trace context; while librdkafka's local queue is full,
+    serve delivery reports until there is room. Raises KafkaException for a record that
+    cannot be queued at all (unknown topic, too large)."""
+    topic, value, key, headers = record
+    while True:
+        try:
+            producer.produce(
+                topic,
+                value=value,
+                key=key,
+                headers=with_trace_headers(headers),
+                on_delivery=on_delivery,
+            )
+            return
+        except BufferError:
+            producer.poll(POLL_INTERVAL_S)
 
 
 class AsyncProducer:
@@ -35,6 +85,7 @@ class AsyncProducer:
         self, config: dict[str, Any], loop: asyncio.AbstractEventLoop | None = None
     ) -> None:
         self._producer = Producer(config)
+        self.settle_s = int(config.get("delivery.timeout.ms", DEFAULT_DELIVERY_TIMEOUT_MS)) / 1000
         self._loop = loop or asyncio.get_running_loop()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="producer-poll", daemon=True)
@@ -57,26 +108,13 @@ class AsyncProducer:
         def on_delivery(error: KafkaError | None, message: Message) -> None:
             self._loop.call_soon_threadsafe(_settle, future, error, message)
 
-        while True:
-            try:
-                self._producer.produce(
-                    topic,
-                    value=value,
-                    key=key,
-                    headers=with_trace_headers(headers),
-                    on_delivery=on_delivery,
-                )
-                return future
-            except BufferError:
-                # The local queue is full: wait for deliveries to make room.
-                self._producer.poll(POLL_INTERVAL_S)
-            except KafkaException as exc:
-                future.set_exception(DeliveryFailed(exc.args[0]))
-                return future
+        try:
+            produce_waiting(self._producer, (topic, value, key, headers), on_delivery)
+        except KafkaException as exc:
+            future.set_exception(DeliveryFailed(exc.args[0]))
+        return future
 
-    async def send_all(
-        self, records: Sequence[tuple[str, bytes | None, bytes | str | None, Headers | None]]
-    ) -> None:
+    async def send_all(self, records: Sequence[Record]) -> None:
         """Send records and wait until every one is acknowledged; raises the first failure.
 
         One future for the whole batch: delivery reports are counted on the poll thread and
@@ -98,22 +136,11 @@ class AsyncProducer:
             if done:
                 self._loop.call_soon_threadsafe(_settle_batch, future, failure)
 
-        for topic, value, key, headers in records:
-            while True:
-                try:
-                    self._producer.produce(
-                        topic,
-                        value=value,
-                        key=key,
-                        headers=with_trace_headers(headers),
-                        on_delivery=on_delivery,
-                    )
-                    break
-                except BufferError:
-                    self._producer.poll(POLL_INTERVAL_S)
-                except KafkaException as exc:
-                    on_delivery(exc.args[0], None)  # type: ignore[arg-type]
-                    break
+        for record in records:
+            try:
+                produce_waiting(self._producer, record, on_delivery)
+            except KafkaException as exc:
+                on_delivery(exc.args[0], None)  # type: ignore[arg-type]
         await future
 
     def flush(self, timeout_s: float) -> int:

@@ -16,7 +16,7 @@ from services.runtime.health import Health
 from services.runtime.logs import configure_logging
 from services.runtime.loop import ConsumerLoop, Handler
 from services.runtime.memory import bound_malloc_arenas, trim_periodically
-from services.runtime.producer import AsyncProducer
+from services.runtime.producer import RecordProducer
 from services.runtime.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,9 @@ def run_service(
     name: str, settings: S, main: Callable[[S, asyncio.Event], Awaitable[None]]
 ) -> None:
     bound_malloc_arenas()  # before any Kafka client starts its threads
-    configure_logging(name, settings.log_level, settings.log_format)
+    configure_logging(
+        name, settings.log_level, settings.log_format, kafka_debug=bool(settings.librdkafka_debug)
+    )
     provider = tracing.configure(name)
     telemetry_metrics.configure(name)
 
@@ -83,7 +85,7 @@ def consumer_loop(
     group_id: str,
     topics: Sequence[str],
     handler: Handler,
-    producer: AsyncProducer,
+    producer: RecordProducer,
     health: Health,
     max_in_flight: int | None = None,
     drain_timeout_s: float | None = None,

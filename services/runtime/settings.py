@@ -47,6 +47,8 @@ class ServiceSettings(BaseSettings):
     #: librdkafka's prefetch queue and largest fetch response per consumer loop (KiB).
     consumer_queue_kbytes: int = Field(default=CONSUMER_QUEUE_KBYTES, ge=1024)
     consumer_fetch_kbytes: int = Field(default=CONSUMER_FETCH_KBYTES, ge=1024)
+    #: librdkafka's `debug` contexts (e.g. `eos,msg,broker`), logged at DEBUG; unset: none.
+    librdkafka_debug: str | None = None
 
     def kafka_common(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -62,6 +64,8 @@ class ServiceSettings(BaseSettings):
             config["sasl.password"] = password.get_secret_value() if password else ""
         if self.kafka_ssl_ca_location:
             config["ssl.ca.location"] = self.kafka_ssl_ca_location
+        if self.librdkafka_debug:
+            config["debug"] = self.librdkafka_debug
         return config
 
     def producer_config(self) -> dict[str, Any]:
@@ -73,7 +77,11 @@ class ServiceSettings(BaseSettings):
             "compression.type": "lz4",
             "message.max.bytes": 20 * 1024 * 1024,
             "queue.buffering.max.kbytes": PRODUCER_QUEUE_KBYTES,
-            "delivery.timeout.ms": 30000,
+            # Longer than any leader election: a record that times out while a request is
+            # in flight makes librdkafka bump its epoch and resend other partitions'
+            # possibly stored batches as new records (twins). A consumer loop can wait;
+            # ingest, which cannot, writes in transactions (runtime/transactional.py).
+            "delivery.timeout.ms": 300_000,
         }
 
     def consumer_config(self, group_id: str) -> dict[str, Any]:
