@@ -15,7 +15,14 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    IsolationLevel,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 from pydantic import ValidationError
 
@@ -27,20 +34,26 @@ POLL_S = 0.2
 # seconds on a loaded machine, and a judgement on half a topic is wrong either way.
 CATCH_UP_S = 60.0
 METADATA_TIMEOUT_S = 10.0
+WATERMARK_ATTEMPTS = 10
 Pair = tuple[str, str]
 
 
 class EventReader:
     """Every record of a topic from its beginning, read on demand (no group, no commits)."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, *, committed_only: bool = True) -> None:
+        """`committed_only=False` also reads what aborted transactions left in the log."""
         self.topic = topic
+        self._isolation = (
+            IsolationLevel.READ_COMMITTED if committed_only else IsolationLevel.READ_UNCOMMITTED
+        )
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
                 "group.id": f"chaos-oracle-{topic}",
                 "enable.auto.commit": False,
                 "enable.partition.eof": False,
+                "isolation.level": "read_committed" if committed_only else "read_uncommitted",
                 "log_level": 0,
             }
         )
@@ -110,12 +123,28 @@ class EventReader:
         return new, targets
 
     def _watermarks(self) -> dict[int, tuple[int, int]]:
-        """(low, high) per partition, asked on the admin client's own connection (a query on
-        the consumer's would wait behind its fetches, or disturb them)."""
+        """(low, end) per partition, asked on the admin client's own connection (a query on
+        the consumer's would wait behind its fetches, or disturb them). The end is what this
+        reader can reach (for `read_committed`, the last stable offset). A leader that just moved
+        answers with a retriable error: asked again, a few times."""
+        for attempt in range(WATERMARK_ATTEMPTS):
+            try:
+                return self._ask_watermarks()
+            except KafkaException as exc:
+                if not exc.args[0].retriable() or attempt == WATERMARK_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5)
+        raise AssertionError("unreachable")
+
+    def _ask_watermarks(self) -> dict[int, tuple[int, int]]:
         found: dict[int, list[int]] = {}
         for kind in (OffsetSpec.earliest(), OffsetSpec.latest()):  # type: ignore[no-untyped-call]
             spec = {TopicPartition(self.topic, p): kind for p in self._partitions}
-            futures = self._admin.list_offsets(spec, request_timeout=METADATA_TIMEOUT_S)
+            futures = self._admin.list_offsets(
+                spec,
+                isolation_level=self._isolation,
+                request_timeout=METADATA_TIMEOUT_S,
+            )
             for tp, future in futures.items():
                 found.setdefault(tp.partition, []).append(int(future.result().offset))
         return {p: (offsets[0], offsets[1]) for p, offsets in found.items()}

@@ -57,6 +57,8 @@ COMMON_ENV = {
     "MAILRAIL_VERP_KEY": VERP_KEY,
     "MAILRAIL_LOG_FORMAT": "json",
 }
+if kafka_debug := os.environ.get("CHAOS_KAFKA_DEBUG"):
+    COMMON_ENV["MAILRAIL_LIBRDKAFKA_DEBUG"] = kafka_debug
 
 BASE_RULES: dict[str, Any] = {
     "default_pool": "default",

@@ -80,6 +80,19 @@ def broker_outage(full: bool) -> Verdict:
     return verdict
 
 
+def _aborted_records(stack: ChaosStack, name: str) -> int:
+    """Records in the log that no `read_committed` reader sees (aborted transactions)."""
+    counts = []
+    for committed_only in (False, True):
+        reader = EventReader(stack.bootstrap, stack.topic(name), committed_only=committed_only)
+        try:
+            reader.catch_up()
+            counts.append(len(reader.positions))
+        finally:
+            reader.close()
+    return counts[0] - counts[1]
+
+
 def _byte_duplicates(stack: ChaosStack, name: str) -> tuple[int, int, str]:
     """(records, records whose key and value are byte-identical to an earlier one at another
     offset, where the twins are: `partition@offset` of each pair, first ten)."""
@@ -146,9 +159,12 @@ def leader_kills(full: bool) -> Verdict:
             verdict.check(
                 "nothing sent twice", verdict.dup_sink == 0, f"{verdict.dup_sink} duplicates"
             )
+            aborted = {n: _aborted_records(stack, n) for n in ("mail.accepted", "mail.events")}
             verdict.note(
                 f"killed leaders {victims}; answers {dict(result.answers)}; "
-                f"{verdict.extra_events} events written again (records processed twice)"
+                f"{verdict.extra_events} events written again (records processed twice); "
+                "records of aborted ingest transactions (in the log, read by no one): "
+                + ", ".join(f"{n} {c}" for n, c in aborted.items())
             )
     return verdict
 
