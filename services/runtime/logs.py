@@ -28,7 +28,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(
-    service: str, level: str = "INFO", fmt: str = "json", kafka_debug: bool = False
+    service: str, level: str = "INFO", fmt: str = "json", librdkafka_debug: bool = False
 ) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -40,6 +40,6 @@ def configure_logging(
     root.setLevel(level.upper())
     for noisy in ("uvicorn.access", "mail.log"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if kafka_debug:
+    if librdkafka_debug:
         # librdkafka's `debug` output arrives at DEBUG: asked for, so shown at any level.
         logging.getLogger("librdkafka").setLevel(logging.DEBUG)

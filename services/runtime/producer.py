@@ -9,7 +9,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -34,6 +34,8 @@ class DeliveryFailed(Exception):
 
 
 Record = tuple[str, bytes | None, bytes | str | None, Headers | None]
+#: How confluent-kafka's `produce()` types headers (a list, so invariant: a cast is needed).
+ProduceHeaders = list[tuple[str, str | bytes | None]] | None
 
 
 class RecordProducer(Protocol):
@@ -57,14 +59,21 @@ class RecordProducer(Protocol):
     def close(self, timeout_s: float = 10.0) -> None: ...
 
 
+def traced(record: Record) -> Record:
+    """The record with the current trace context in its headers. Taken where the record is
+    handed over, on the event loop: a producer's own thread has no current span."""
+    topic, value, key, headers = record
+    return topic, value, key, cast(Headers, with_trace_headers(headers))
+
+
 def produce_waiting(
     producer: Producer,
     record: Record,
     on_delivery: Callable[[KafkaError | None, Message], None],
 ) -> None:
-    """`produce()` with the current trace context; while librdkafka's local queue is full,
-    serve delivery reports until there is room. Raises KafkaException for a record that
-    cannot be queued at all (unknown topic, too large)."""
+    """`produce()`; while librdkafka's local queue is full, serve delivery reports until
+    there is room. Raises KafkaException for a record that cannot be queued at all (unknown
+    topic, too large)."""
     topic, value, key, headers = record
     while True:
         try:
@@ -72,7 +81,7 @@ def produce_waiting(
                 topic,
                 value=value,
                 key=key,
-                headers=with_trace_headers(headers),
+                headers=cast(ProduceHeaders, headers),
                 on_delivery=on_delivery,
             )
             return
@@ -109,7 +118,7 @@ class AsyncProducer:
             self._loop.call_soon_threadsafe(_settle, future, error, message)
 
         try:
-            produce_waiting(self._producer, (topic, value, key, headers), on_delivery)
+            produce_waiting(self._producer, traced((topic, value, key, headers)), on_delivery)
         except KafkaException as exc:
             future.set_exception(DeliveryFailed(exc.args[0]))
         return future
@@ -138,7 +147,7 @@ class AsyncProducer:
 
         for record in records:
             try:
-                produce_waiting(self._producer, record, on_delivery)
+                produce_waiting(self._producer, traced(record), on_delivery)
             except KafkaException as exc:
                 on_delivery(exc.args[0], None)  # type: ignore[arg-type]
         await future

@@ -28,7 +28,10 @@ def run_service(
 ) -> None:
     bound_malloc_arenas()  # before any Kafka client starts its threads
     configure_logging(
-        name, settings.log_level, settings.log_format, kafka_debug=bool(settings.librdkafka_debug)
+        name,
+        settings.log_level,
+        settings.log_format,
+        librdkafka_debug=bool(settings.librdkafka_debug),
     )
     provider = tracing.configure(name)
     telemetry_metrics.configure(name)

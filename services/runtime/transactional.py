@@ -30,12 +30,11 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from services.runtime.producer import DeliveryFailed, Headers, Record, produce_waiting
-from services.runtime.tracing import with_trace_headers
+from services.runtime.producer import DeliveryFailed, Headers, Record, produce_waiting, traced
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +74,6 @@ class TransactionalProducer:
         self._busy = False
         self._closing = False
         self.transactions = 0
-        #: Transactions initialised: records can be written (false again while restarting).
-        self.ready = False
         self._thread = threading.Thread(target=self._run, name="producer-txn", daemon=True)
         self._thread.start()
 
@@ -119,7 +116,7 @@ class TransactionalProducer:
                     DeliveryFailed(KafkaError(KafkaError._STATE, "producer closed"))
                 )
                 return future
-            self._queue.append(_Submission([_traced(r) for r in records], future))
+            self._queue.append(_Submission([traced(r) for r in records], future))
             self._wake.notify()
         return future
 
@@ -143,24 +140,25 @@ class TransactionalProducer:
     # -- the producer thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        """Initialise (at once, not at the first record: readiness tells), then one
-        transaction after another while records wait; a failed producer is replaced."""
+        """Initialise (at once, not at the first record), then one transaction after another
+        while records wait; a failed producer is replaced."""
         producer: Producer | None = None
+        ready = False
         while True:
             if producer is None:
                 producer = Producer(self._config)
-                self.ready = False
-            if not self.ready:
+                ready = False
+            if not ready:
                 error = self._initialise(producer)
                 if error is not None:
                     if error.fatal():
                         producer = None
-                    self._expire(time.monotonic())
+                    self._expire_queued()
                     if self._closing:
                         break
                     time.sleep(INIT_RETRY_S)
                     continue
-                self.ready = True
+                ready = True
             with self._wake:
                 while not self._queue and not self._closing:
                     self._wake.wait(0.1)
@@ -175,8 +173,6 @@ class TransactionalProducer:
                 with self._wake:
                     self._busy = False
                     self._wake.notify_all()
-        if producer is not None:
-            producer.flush(1.0)
         self._fail_queued(KafkaError(KafkaError._STATE, "producer closed"))
 
     def _initialise(self, producer: Producer) -> KafkaError | None:
@@ -193,28 +189,32 @@ class TransactionalProducer:
             return error
         return None
 
-    def _expire(self, now: float) -> list[_Submission]:
-        """Fail the queued submissions that waited too long for a transaction (never written)."""
-        with self._wake:
-            live = [s for s in self._queue if now - s.queued_at <= self._admission_s]
-            expired = [s for s in self._queue if now - s.queued_at > self._admission_s]
-            self._queue.clear()
-            self._queue.extend(live)
-        for submission in expired:
-            self._settle(submission, _waited_too_long())
-        return live
-
-    def _transact(self, producer: Producer, batch: list[_Submission]) -> Producer | None:
-        """One transaction for `batch`; returns the producer to use next (None: start anew)."""
+    def _admissible(self, submissions: list[_Submission]) -> list[_Submission]:
+        """The submissions still to write. One cancelled while queued is dropped; one that
+        waited longer than `admission_s` for a transaction fails: neither is ever written."""
         now = time.monotonic()
         live = []
-        for submission in batch:
-            if submission.future.done():  # cancelled while queued: not written
+        for submission in submissions:
+            if submission.future.done():
                 continue
             if now - submission.queued_at > self._admission_s:
                 self._settle(submission, _waited_too_long())
                 continue
             live.append(submission)
+        return live
+
+    def _expire_queued(self) -> None:
+        """While no transaction can start: fail what waited too long, keep the rest queued."""
+        with self._wake:
+            waiting = list(self._queue)
+            self._queue.clear()
+        live = self._admissible(waiting)
+        with self._wake:
+            self._queue.extendleft(reversed(live))
+
+    def _transact(self, producer: Producer, batch: list[_Submission]) -> Producer | None:
+        """One transaction for `batch`; returns the producer to use next (None: start anew)."""
+        live = self._admissible(batch)
         if not live:
             return producer
         try:
@@ -310,13 +310,6 @@ class TransactionalProducer:
         # RuntimeError: the event loop is gone (shutdown), nobody waits any more.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(_resolve, submission, error, uncertain)
-
-
-def _traced(record: Record) -> Record:
-    """The record with the caller's trace context in its headers: taken here, on the event
-    loop, where the current span is; the producer thread has none."""
-    topic, value, key, headers = record
-    return topic, value, key, cast(Headers, with_trace_headers(headers))
 
 
 def _waited_too_long() -> KafkaError:
